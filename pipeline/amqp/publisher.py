@@ -1,0 +1,293 @@
+"""A publisher that only reports success once the broker has confirmed the message.
+
+The email table is the outbox: a publish that raises is retried later by the sweeper, so this
+class never retries on its own; it fails fast and lets the caller decide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import aiormq
+import aiormq.abc
+import anyio
+from aiormq import spec
+
+from pipeline.amqp.connection import connect, safe_url
+from pipeline.amqp.topology import Topology, declare
+from pipeline.errors import BrokerError, PublishNotConfirmed
+
+log = logging.getLogger(__name__)
+
+PublishItem = tuple[str, bytes, str, Mapping[str, Any] | None]
+"""(routing_key, body, message_id, headers) for `ConfirmedPublisher.publish_many`."""
+
+
+@dataclass(eq=False)
+class _Link:
+    """One connection and its confirm channel, and the publishes waiting on it.
+
+    When the channel closes, aiormq rejects pending confirms, but a publish still waiting to
+    enqueue its frame (the writer's queue is bounded) would wait forever for a writer that is
+    gone; so a closed channel cancels every publish registered here.
+    """
+
+    connection: aiormq.abc.AbstractConnection
+    channel: aiormq.Channel
+    waiting: set[anyio.CancelScope] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self._closing = self.channel.closing
+        self._closing.add_done_callback(self._on_closed)
+
+    def _on_closed(self, _: asyncio.Future[Any] | None = None) -> None:
+        for scope in list(self.waiting):
+            scope.cancel()
+
+    @property
+    def usable(self) -> bool:
+        return not (self.channel.is_closed or self.connection.is_closed)
+
+    async def close(self, timeout_s: float) -> None:
+        self._closing.cancel()  # detach the observer
+        self._on_closed()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(timeout_s):
+            await self.connection.close(None)
+
+
+class ConfirmedPublisher:
+    """Persistent, mandatory publishes on a confirm channel, one connection per publisher.
+
+    Connects on first use and again after the connection is lost; concurrent callers share one
+    (re)connect attempt and its failure. Every publish, reconnect included, takes at most
+    `timeout_s`. The topology is declared once per connection.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        topology: Topology,
+        *,
+        timeout_s: float = 5,
+        content_type: str = "application/json",
+    ) -> None:
+        self._url = url
+        self._topology = topology
+        self._timeout_s = timeout_s
+        self._content_type = content_type
+        self._lock = anyio.Lock()
+        self._link: _Link | None = None
+        # Bumped by every connect attempt; a caller that waited for the lock while an attempt
+        # ran shares that attempt's failure instead of making its own.
+        self._attempt = 0
+        self._last_error: BrokerError | None = None
+        # aiormq matches a Basic.Return to its publish by message_id, so two unconfirmed
+        # publishes with one id would be confused: the same id waits for the previous one.
+        self._in_flight: dict[str, anyio.Event] = {}
+        self._closed = False
+
+    @property
+    def connection(self) -> aiormq.abc.AbstractConnection | None:
+        """The current connection, if any (for health checks and tests)."""
+        return self._link.connection if self._link is not None else None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection; later publishes raise PublishNotConfirmed."""
+        self._closed = True
+        link, self._link = self._link, None
+        if link is not None:
+            await link.close(self._timeout_s)
+
+    async def check(self) -> None:
+        """Raise BrokerError unless a confirm channel is open (connecting if need be)."""
+        with anyio.fail_after(self._timeout_s):
+            await self._ready_link()
+
+    async def _ready_link(self) -> _Link:
+        if self._link is not None and self._link.usable:
+            return self._link
+        attempt = self._attempt
+        async with self._lock:
+            if self._closed:
+                raise PublishNotConfirmed("publisher is closed")
+            if self._link is not None and self._link.usable:
+                return self._link
+            if self._attempt != attempt and self._last_error is not None:
+                raise BrokerError(str(self._last_error))
+            self._attempt += 1
+            old, self._link = self._link, None
+            if old is not None:
+                await old.close(self._timeout_s)
+            try:
+                self._link = await self._open()
+            except BrokerError as e:
+                self._last_error = e
+                raise
+            self._last_error = None
+            return self._link
+
+    async def _open(self) -> _Link:
+        connection = await connect(self._url, timeout_s=self._timeout_s)
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            assert isinstance(channel, aiormq.Channel)  # basic_publish(wait=...) is not abstract
+            await declare(channel, self._topology)
+        except BaseException as e:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self._timeout_s):
+                await connection.close(None)
+            if isinstance(e, Exception):
+                raise BrokerError(
+                    f"AMQP channel setup on {safe_url(self._url)} failed: {e!r}"
+                ) from e
+            raise
+        log.info("publisher connected to %s", safe_url(self._url))
+        return _Link(connection, channel)
+
+    async def publish(
+        self,
+        routing_key: str,
+        body: bytes,
+        *,
+        message_id: str,
+        headers: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Publish and wait for the broker's confirm.
+
+        Raises PublishNotConfirmed on a nack, a return (no queue bound to `routing_key`),
+        no confirm within `timeout_s`, or a lost connection: the message may or may not be
+        queued then, so the caller must be ready to publish it again.
+        """
+        try:
+            with anyio.fail_after(self._timeout_s):
+                await self._publish(routing_key, body, message_id, headers)
+        except TimeoutError:
+            raise PublishNotConfirmed(
+                f"publish {message_id} to {routing_key!r} not confirmed within "
+                f"{self._timeout_s:g} s"
+            ) from None
+
+    async def publish_many(self, items: Sequence[PublishItem]) -> list[bool]:
+        """Publish every item with all confirms awaited together; True where confirmed.
+
+        Never raises for one item's failure (one warning sums up the batch), so a batch
+        caller can mark the confirmed ones and leave the rest to the outbox sweep.
+        """
+        results = [False] * len(items)
+        errors: list[BrokerError] = []
+
+        async def one(i: int, item: PublishItem) -> None:
+            routing_key, body, message_id, headers = item
+            try:
+                await self.publish(routing_key, body, message_id=message_id, headers=headers)
+            except BrokerError as e:
+                errors.append(e)
+            else:
+                results[i] = True
+
+        async with anyio.create_task_group() as tg:
+            for i, item in enumerate(items):
+                tg.start_soon(one, i, item)
+        if errors:
+            log.warning(
+                "%d of %d publishes not confirmed; first: %s", len(errors), len(items), errors[0]
+            )
+        return results
+
+    async def _publish(
+        self,
+        routing_key: str,
+        body: bytes,
+        message_id: str,
+        headers: Mapping[str, Any] | None,
+    ) -> None:
+        while (previous := self._in_flight.get(message_id)) is not None:
+            await previous.wait()
+        done = self._in_flight[message_id] = anyio.Event()
+        try:
+            try:
+                link = await self._ready_link()
+            except PublishNotConfirmed:
+                raise
+            except BrokerError as e:
+                raise PublishNotConfirmed(f"publish {message_id}: {e}") from e
+            properties = spec.Basic.Properties(
+                delivery_mode=2,
+                message_id=message_id,
+                content_type=self._content_type,
+                headers=dict(headers) if headers else None,
+            )
+            with anyio.CancelScope() as lost:
+                link.waiting.add(lost)
+                try:
+                    if not link.usable:
+                        lost.cancel()
+                    confirmation = await self._send(link.channel, routing_key, body, properties)
+                finally:
+                    link.waiting.discard(lost)
+            if lost.cancelled_caught:
+                raise PublishNotConfirmed(
+                    f"publish {message_id}: connection lost before the confirm"
+                )
+            if not isinstance(confirmation, spec.Basic.Ack):
+                raise PublishNotConfirmed(f"publish {message_id} got {confirmation!r}")
+        finally:
+            del self._in_flight[message_id]
+            done.set()
+
+    async def _send(
+        self,
+        channel: aiormq.Channel,
+        routing_key: str,
+        body: bytes,
+        properties: spec.Basic.Properties,
+    ) -> object:
+        """basic_publish with aiormq's failures translated into PublishNotConfirmed."""
+        message_id = properties.message_id
+        try:
+            # wait=False: the channel lock is released once the frame is queued for the
+            # writer instead of after each socket drain, so many publishes stay in flight.
+            return await channel.basic_publish(
+                body,
+                exchange=self._topology.exchange,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=True,
+                wait=False,
+            )
+        except aiormq.PublishError as e:
+            # mandatory=True and no queue bound to the routing key: Basic.Return (then Ack).
+            raise PublishNotConfirmed(
+                f"publish {message_id} to {self._topology.exchange!r} / {routing_key!r} "
+                f"returned by the broker: {e}"
+            ) from e
+        except aiormq.DeliveryError as e:
+            raise PublishNotConfirmed(f"publish {message_id} nacked by the broker") from e
+        except asyncio.CancelledError as e:
+            # aiormq rejects pending confirms with CancelledError when the connection is closed
+            # with close()'s default reason; only a cancel request on this task is a real cancel.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            raise PublishNotConfirmed(
+                f"publish {message_id}: connection closed before the confirm"
+            ) from e
+        except Exception as e:
+            raise PublishNotConfirmed(
+                f"publish {message_id}: connection lost before the confirm ({e!r})"
+            ) from e

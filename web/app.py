@@ -1,0 +1,60 @@
+"""create_app: the Quart app over the process's resources, with docs, errors and request ids."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+from quart import Quart, Response, g, request
+from quart_schema import Info, QuartSchema
+
+from web import problems
+from web.metrics import ApiMetrics
+from web.routes import emails, health
+from web.state import AppState
+
+_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+def create_app(app_state: AppState) -> Quart:
+    settings = app_state.deps.settings
+    app = Quart("mailpipe")
+    app.config["MAX_CONTENT_LENGTH"] = settings.api.max_request_bytes
+    app.config["BODY_TIMEOUT"] = 30  # a slow body is cut off instead of holding a worker
+    app.config["QUART_SCHEMA_CONVERSION_PREFERENCE"] = "pydantic"
+    app.extensions["mailpipe"] = app_state
+    app.extensions["metrics"] = metrics = ApiMetrics()
+    QuartSchema(
+        app,
+        info=Info(title="mailpipe", version="1", description="Transactional email API"),
+        openapi_path="/openapi.json",
+        swagger_ui_path="/docs",
+        redoc_ui_path=None,
+        scalar_ui_path=None,
+        security_schemes={
+            "apiKey": {"type": "apiKey", "in_": "header", "name": "X-API-Key"},
+            "bearer": {"type": "http", "scheme": "bearer"},
+        },
+        security=[{"apiKey": []}, {"bearer": []}],
+    )
+    problems.register(app)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(emails.bp)
+
+    @app.before_request
+    async def _start() -> None:
+        given = request.headers.get("X-Request-Id", "")
+        g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        g.started = time.perf_counter()
+
+    @app.after_request
+    async def _finish(response: Response) -> Response:
+        response.headers["X-Request-Id"] = g.get("request_id") or uuid.uuid4().hex
+        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        metrics.requests.labels(request.method, rule, str(response.status_code)).inc()
+        if "started" in g:
+            metrics.latency.labels(rule).observe(time.perf_counter() - g.started)
+        return response
+
+    return app

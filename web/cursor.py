@@ -1,0 +1,29 @@
+"""Opaque list cursors: the (created_at, id) of the last row seen, so pages never skip or repeat."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime
+
+from web.problems import Problem, validation_problem
+
+
+def encode(created_at: datetime, row_id: str) -> str:
+    raw = json.dumps([created_at.isoformat(), row_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        stamp, row_id = json.loads(raw)
+        when = datetime.fromisoformat(stamp)
+        if not isinstance(row_id, str) or when.tzinfo is None:
+            raise ValueError
+    except (ValueError, TypeError) as exc:
+        problem: Problem = validation_problem(
+            [{"field": "after", "message": "not a cursor this API returned"}]
+        )
+        raise problem from exc
+    return when, row_id
