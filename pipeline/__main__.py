@@ -70,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # aiosmtpd logs every SMTP command at INFO: too chatty next to the service's own lines.
+    logging.getLogger("mail.log").setLevel(max(logging.WARNING, logging.root.level))
     handler: Callable[[argparse.Namespace, Settings], Awaitable[Any]] = args.handler
     try:
         settings = load_settings(args.config)

@@ -165,25 +165,9 @@ async def run_sender(
 ) -> None:
     """`sender.actors` consumers on the send queue, each with `sender.concurrency` in flight."""
     settings = deps.settings
-    smtp_settings = settings.smtp
-    if smtp_settings.host:
-        pool = SmtpPool(
-            smtp_settings.host,
-            smtp_settings.port,
-            username=smtp_settings.username or None,
-            password=smtp_settings.password or None,
-            starttls=smtp_settings.starttls,
-            timeout_s=smtp_settings.timeout_s,
-            size=smtp_settings.pool_size,
-        )
-    else:
-        port = deps.listening.get("sandbox", settings.sandbox.port)
-        pool = SmtpPool(
-            settings.sandbox.host,
-            port,
-            timeout_s=smtp_settings.timeout_s,
-            size=smtp_settings.pool_size,
-        )
+    pool = SmtpPool.from_settings(
+        settings.smtp, settings.sandbox, sandbox_port=deps.listening.get("sandbox")
+    )
     async with pool, ConfirmedPublisher(settings.amqp.url, deps.topology) as publisher:
         sender = Sender(deps, pool, publisher)
         async with anyio.create_task_group() as tg:
