@@ -47,3 +47,27 @@ class Permanent(DeliveryError):
 
 class CliError(MailpipeError):
     """A command-line request that cannot be carried out; printed as one line."""
+
+
+class DeadLetterError(MailpipeError):
+    """A dead letter cannot be replayed."""
+
+
+class UnknownDeadLetter(DeadLetterError):
+    """No dead letter with that id (in that account)."""
+
+
+class NotReplayable(DeadLetterError):
+    """The dead letter's email is no longer `failed` (it was replayed already)."""
+
+
+class IdempotencyError(MailpipeError):
+    """An `Idempotency-Key` cannot be honoured for this request."""
+
+
+class IdempotencyMismatch(IdempotencyError):
+    """The key was first used with another request body."""
+
+
+class IdempotencyInProgress(IdempotencyError):
+    """The first request with this key is still being processed."""

@@ -18,6 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 from pipeline.amqp.topology import Topology
 from pipeline.bootstrap import sync_demo_key
 from pipeline.errors import StoreError
+from pipeline.ratelimit import RateLimiter
 from pipeline.settings import Settings
 from pipeline.store.migrate import migrate
 
@@ -35,6 +36,8 @@ class Deps:
     stop: anyio.Event = field(default_factory=anyio.Event)
     listening: dict[str, int] = field(default_factory=dict)
     """Ports the roles actually bound, by role (useful when a port of 0 asked for any)."""
+    limiter: RateLimiter | None = None
+    """The API's rate limiter (Redis, with a per-process fallback); None without Redis."""
 
 
 def topology_for(settings: Settings) -> Topology:
@@ -76,6 +79,7 @@ async def open_resources(settings: Settings, *, with_redis: bool) -> AsyncIterat
         db = await stack.enter_async_context(open_pool(settings))
         await sync_demo_key(db, enabled=settings.dev.demo_key)
         redis = None
+        limiter = None
         if with_redis:
             client: coredis.Redis[bytes] = coredis.Redis.from_url(
                 settings.redis.url,
@@ -83,4 +87,17 @@ async def open_resources(settings: Settings, *, with_redis: bool) -> AsyncIterat
                 connect_timeout=max(settings.rate_limit.redis_timeout_ms / 1000, 0.2),
             )
             redis = await stack.enter_async_context(client)
-        yield Deps(settings=settings, db=db, redis=redis, topology=topology_for(settings))
+            limiter = await stack.enter_async_context(
+                RateLimiter(
+                    redis,
+                    prefix=settings.redis.prefix,
+                    timeout_s=settings.rate_limit.redis_timeout_ms / 1000,
+                )
+            )
+        yield Deps(
+            settings=settings,
+            db=db,
+            redis=redis,
+            topology=topology_for(settings),
+            limiter=limiter,
+        )

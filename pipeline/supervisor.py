@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import anyio
@@ -22,7 +22,7 @@ from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Role = Callable[..., Awaitable[None]]
+Role = Callable[..., Coroutine[Any, Any, None]]
 
 BACKGROUND_ROLES = frozenset({"sandbox"})
 """Roles that serve the others: started first, stopped only after every other role has drained."""
@@ -32,7 +32,7 @@ RESTART_MAX_S = 30.0
 HEALTHY_RUN_S = 60.0
 """A run that lasted this long resets the restart backoff."""
 START_ATTEMPTS = 5
-"""A role that cannot get ready this many times in a row fails the start (bad config, port in use)."""
+"""Failed starts in a row that fail the whole start (bad config, port in use)."""
 
 
 def role_table() -> dict[str, Role]:

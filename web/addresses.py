@@ -26,7 +26,7 @@ def check_address(value: str) -> str:
     if not addr:
         raise ValueError("is empty")
     try:
-        valid = validate_email(addr, check_deliverability=False, allow_smtputf8=True)
+        valid = validate_email(addr, check_deliverability=False, allow_smtputf8=False)
     except EmailNotValidError as exc:
         raise ValueError(f"not a valid email address: {exc}") from None
     bare = valid.normalized
@@ -45,7 +45,7 @@ def envelope_address(value: str) -> str:
     """The address as the SMTP envelope wants it: the domain in IDNA (ASCII) form when possible."""
     addr = bare(value)
     try:
-        valid = validate_email(addr, check_deliverability=False, allow_smtputf8=True)
+        valid = validate_email(addr, check_deliverability=False, allow_smtputf8=False)
     except EmailNotValidError:
         return addr
     return valid.ascii_email or valid.normalized

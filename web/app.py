@@ -9,9 +9,9 @@ import uuid
 from quart import Quart, Response, g, request
 from quart_schema import Info, QuartSchema
 
-from web import problems
+from web import problems, ratelimit
 from web.metrics import ApiMetrics
-from web.routes import emails, health
+from web.routes import dead_letters, emails, health, suppressions
 from web.state import AppState
 
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
@@ -39,8 +39,11 @@ def create_app(app_state: AppState) -> Quart:
         security=[{"apiKey": []}, {"bearer": []}],
     )
     problems.register(app)
+    ratelimit.register(app, app_state)
     app.register_blueprint(health.bp)
     app.register_blueprint(emails.bp)
+    app.register_blueprint(suppressions.bp)
+    app.register_blueprint(dead_letters.bp)
 
     @app.before_request
     async def _start() -> None:

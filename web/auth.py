@@ -1,20 +1,32 @@
-"""API key authentication and scopes: 401 for a missing, unknown or revoked key, 403 for a scope."""
+"""API key authentication, scopes and rate limiting: 401 for a missing, unknown or revoked key,
+403 for a missing scope, 429 over the key's rate limit.
+
+Keys are found by their non-secret lookup id and checked against the stored SHA-256 hash in
+constant time. Rows are cached per process for at most `KEY_CACHE_TTL_S` (well under a second),
+so a revoked key is refused by every process within that time.
+"""
 
 from __future__ import annotations
 
+import enum
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import wraps
-from typing import Any
+from typing import Any, Final
 
-from quart import g, request
+from quart import current_app, g, request
 
 from pipeline import keys
 from pipeline.store import queries
 from web.problems import Problem
+from web.ratelimit import charge
 from web.state import state
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="mailpipe"'}
+
+KEY_CACHE_TTL_S: Final = 0.5
+"""How long a process trusts a key row it read: a revocation takes effect within this."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +40,39 @@ class Caller:
     burst: int | None
 
 
+class KeyCache:
+    """Key rows by lookup id, each trusted for `ttl_s` (a revocation is seen after that)."""
+
+    def __init__(
+        self,
+        ttl_s: float = KEY_CACHE_TTL_S,
+        *,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl_s = ttl_s
+        self._max = max_entries
+        self._clock = clock
+        self._rows: dict[str, tuple[float, queries.ApiKey]] = {}
+
+    def get(self, lookup: str) -> queries.ApiKey | None:
+        entry = self._rows.get(lookup)
+        if entry is None:
+            return None
+        if entry[0] <= self._clock():
+            del self._rows[lookup]
+            return None
+        return entry[1]
+
+    def put(self, lookup: str, row: queries.ApiKey) -> None:
+        now = self._clock()
+        if len(self._rows) >= self._max:
+            self._rows = {k: v for k, v in self._rows.items() if v[0] > now}
+            if len(self._rows) >= self._max:
+                self._rows.clear()
+        self._rows[lookup] = (now + self.ttl_s, row)
+
+
 def presented_key() -> str | None:
     value = request.headers.get("X-API-Key")
     if value:
@@ -39,6 +84,22 @@ def presented_key() -> str | None:
     return None
 
 
+def _key_cache() -> KeyCache:
+    cache: KeyCache = current_app.extensions.setdefault("key_cache", KeyCache())
+    return cache
+
+
+async def _key_row(lookup: str) -> queries.ApiKey | None:
+    cache = _key_cache()
+    row = cache.get(lookup)
+    if row is None:
+        async with state().deps.db.connection() as conn:
+            row = await queries.key_by_lookup(conn, lookup)
+        if row is not None:
+            cache.put(lookup, row)
+    return row
+
+
 async def authenticate() -> Caller:
     key = presented_key()
     if key is None:
@@ -46,10 +107,7 @@ async def authenticate() -> Caller:
             401, "send an API key in X-API-Key or Authorization: Bearer", headers=_CHALLENGE
         )
     lookup = keys.lookup_of(key)
-    row = None
-    if lookup is not None:
-        async with state().deps.db.connection() as conn:
-            row = await queries.key_by_lookup(conn, lookup)
+    row = await _key_row(lookup) if lookup is not None else None
     if row is None or row.revoked_at is not None or not keys.matches(key, row.hash):
         raise Problem(401, "the API key is unknown or revoked", headers=_CHALLENGE)
     return Caller(row.id, row.account_id, tuple(row.scopes), row.rate, row.burst)
@@ -60,8 +118,28 @@ def caller() -> Caller:
     return value
 
 
-def require(scope: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Authenticate, then demand `scope`; runs before the body is parsed."""
+class _Default(enum.Enum):
+    COST = enum.auto()
+
+
+def default_cost(scope: str) -> int:
+    """`send` requests cost one email; reads and admin calls cost nothing (they only look)."""
+    return 1 if scope == "send" else 0
+
+
+def require(
+    scope: str, *, cost: int | _Default | None = _Default.COST
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Authenticate, demand `scope`, then charge `cost` emails to the key's rate limit.
+
+    Runs before the body is parsed, so a refused request costs no parsing. `cost` defaults to
+    `default_cost(scope)`; 0 charges nothing but still reports the limit in the headers; None
+    leaves charging to the handler (`await web.ratelimit.charge(n)` once n is known, as a
+    batch of n emails costs n). A 403 carries the headers too (a free look at the limit).
+    """
+    charged = default_cost(scope) if isinstance(cost, _Default) else cost
+    if charged is not None and charged < 0:
+        raise ValueError("cost must be >= 0 or None")
 
     def decorator(func: Callable[..., Any]) -> Callable[..., Any]:
         @wraps(func)
@@ -69,7 +147,10 @@ def require(scope: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             who = await authenticate()
             g.caller = who
             if scope not in who.scopes:
+                await charge(0)
                 raise Problem(403, f"this API key lacks the {scope!r} scope")
+            if charged is not None:
+                await charge(charged)
             return await func(*args, **kwargs)
 
         return wrapper

@@ -23,6 +23,15 @@ class ApiMetrics:
         self.accepted = Counter(
             "mailpipe_emails_accepted", "Emails committed by the API", registry=self.registry
         )
+        self.ratelimit_fallback = Counter(
+            "mailpipe_ratelimit_fallback_decisions",
+            "Rate-limit decisions taken by the per-process fallback (Redis down or slow),"
+            " by outcome (allowed, limited)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in ("allowed", "limited"):
+            self.ratelimit_fallback.labels(outcome)  # exported as 0 from the start
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

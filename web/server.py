@@ -45,4 +45,4 @@ async def serve_app(
     app: Quart, sock: socket.socket, *, graceful_s: float, shutdown: Callable[[], Awaitable[None]]
 ) -> None:
     """Serve until `shutdown` returns, then give in-flight requests `graceful_s` to finish."""
-    await serve(app, hypercorn_config(sock, graceful_s=graceful_s), shutdown_trigger=shutdown)  # type: ignore[arg-type]
+    await serve(app, hypercorn_config(sock, graceful_s=graceful_s), shutdown_trigger=shutdown)

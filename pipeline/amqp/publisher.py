@@ -2,6 +2,11 @@
 
 The email table is the outbox: a publish that raises is retried later by the sweeper, so this
 class never retries on its own; it fails fast and lets the caller decide.
+
+Failing fast includes outages: once a connect failed or a confirm timed out, publishes fail at
+once (no new connect) for a short window that grows while the broker stays away
+(`DOWN_MIN_S` .. `DOWN_MAX_S`); after it one caller tries again while the others keep failing
+at once. Without it every API request during a hung-broker outage would wait the whole timeout.
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ from pipeline.errors import BrokerError, PublishNotConfirmed
 
 log = logging.getLogger(__name__)
 
+DOWN_MIN_S = 1.0
+DOWN_MAX_S = 5.0
+"""The window in which publishes fail without a connect attempt after the broker failed one;
+it doubles from the first to the second while failures go on and closes on a success."""
+
 PublishItem = tuple[str, bytes, str, Mapping[str, Any] | None]
 """(routing_key, body, message_id, headers) for `ConfirmedPublisher.publish_many`."""
 
@@ -40,6 +50,8 @@ class _Link:
     connection: aiormq.abc.AbstractConnection
     channel: aiormq.Channel
     waiting: set[anyio.CancelScope] = field(default_factory=set)
+    broken: bool = False
+    """A confirm timed out on it: the broker may be hung; do not trust the link any more."""
 
     def __post_init__(self) -> None:
         self._closing = self.channel.closing
@@ -51,7 +63,7 @@ class _Link:
 
     @property
     def usable(self) -> bool:
-        return not (self.channel.is_closed or self.connection.is_closed)
+        return not (self.broken or self.channel.is_closed or self.connection.is_closed)
 
     async def close(self, timeout_s: float) -> None:
         self._closing.cancel()  # detach the observer
@@ -65,7 +77,8 @@ class ConfirmedPublisher:
 
     Connects on first use and again after the connection is lost; concurrent callers share one
     (re)connect attempt and its failure. Every publish, reconnect included, takes at most
-    `timeout_s`. The topology is declared once per connection.
+    `timeout_s`; after a failed connect or a confirm timeout, publishes fail at once for a
+    short while (see the module's docstring). The topology is declared once per connection.
     """
 
     def __init__(
@@ -86,6 +99,9 @@ class ConfirmedPublisher:
         # ran shares that attempt's failure instead of making its own.
         self._attempt = 0
         self._last_error: BrokerError | None = None
+        # The broker failed us: until `_down_until` (anyio time) no connect is attempted.
+        self._down_until = 0.0
+        self._down_for = 0.0
         # aiormq matches a Basic.Return to its publish by message_id, so two unconfirmed
         # publishes with one id would be confused: the same id waits for the previous one.
         self._in_flight: dict[str, anyio.Event] = {}
@@ -119,9 +135,32 @@ class ConfirmedPublisher:
         with anyio.fail_after(self._timeout_s):
             await self._ready_link()
 
+    def _broker_down(self, error: BrokerError) -> None:
+        """A connect failed or a confirm timed out: distrust the link, open the window."""
+        if self._link is not None:
+            self._link.broken = True
+        self._last_error = error
+        now = anyio.current_time()
+        if now < self._down_until:
+            return  # the same outage, already counted
+        self._down_for = min(max(2 * self._down_for, DOWN_MIN_S), DOWN_MAX_S)
+        self._down_until = now + self._down_for
+
+    def _fail_fast(self) -> None:
+        """Raise when the broker failed recently: within the window, or while another caller
+        is already trying it again."""
+        if self._last_error is None:
+            return
+        left = self._down_until - anyio.current_time()
+        if left > 0 or self._lock.locked():
+            raise BrokerError(
+                f"broker unavailable ({self._last_error}); next try in {max(left, 0):.1f} s"
+            )
+
     async def _ready_link(self) -> _Link:
         if self._link is not None and self._link.usable:
             return self._link
+        self._fail_fast()
         attempt = self._attempt
         async with self._lock:
             if self._closed:
@@ -137,9 +176,10 @@ class ConfirmedPublisher:
             try:
                 self._link = await self._open()
             except BrokerError as e:
-                self._last_error = e
+                self._broker_down(e)
                 raise
             self._last_error = None
+            self._down_until = self._down_for = 0.0
             return self._link
 
     async def _open(self) -> _Link:
@@ -177,10 +217,12 @@ class ConfirmedPublisher:
             with anyio.fail_after(self._timeout_s):
                 await self._publish(routing_key, body, message_id, headers)
         except TimeoutError:
-            raise PublishNotConfirmed(
+            error = PublishNotConfirmed(
                 f"publish {message_id} to {routing_key!r} not confirmed within "
                 f"{self._timeout_s:g} s"
-            ) from None
+            )
+            self._broker_down(error)
+            raise error from None
 
     async def publish_many(self, items: Sequence[PublishItem]) -> list[bool]:
         """Publish every item with all confirms awaited together; True where confirmed.

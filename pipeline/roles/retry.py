@@ -3,23 +3,34 @@
 The sender decided how long the email waits (`x-mailpipe-wait-s`, already a tier); this role
 checks it against the configured tiers, republishes into that tier's queue and acks only once
 the broker confirmed. The tier's queue-level TTL then dead-letters the message back to `send`.
+
+It is also the scheduler: emails accepted with `scheduled_at` are queued and published when
+their time comes.
 """
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import anyio
+import psycopg
 from anyio.abc import TaskStatus
+from psycopg_pool import PoolTimeout
 
 from pipeline.amqp.consumer import Delivery, consume
 from pipeline.amqp.publisher import ConfirmedPublisher
 from pipeline.errors import PublishNotConfirmed
+from pipeline.intake import publish_and_mark
 from pipeline.resources import Deps
 from pipeline.retry import choose_tier
 from pipeline.roles.sender import WAIT_HEADER
+from pipeline.store import queries
 
 log = logging.getLogger(__name__)
+
+SCHEDULE_POLL_S = 0.25
+SCHEDULE_BATCH = 500
 
 
 def tier_for(delivery: Delivery, tiers_s: tuple[int, ...]) -> int:
@@ -53,13 +64,36 @@ async def run_retry(
                 return
             await delivery.ack()
 
-        await consume(
-            settings.amqp.url,
-            topology,
-            topology.retry,
-            handle,
-            concurrency=settings.sender.concurrency,
-            stop=deps.stop,
-            grace_s=settings.shutdown.grace_s,
-            task_status=task_status,
-        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(
+                partial(
+                    consume,
+                    settings.amqp.url,
+                    topology,
+                    topology.retry,
+                    handle,
+                    concurrency=settings.sender.concurrency,
+                    stop=deps.stop,
+                    grace_s=settings.shutdown.grace_s,
+                )
+            )
+            tg.start_soon(release_scheduled, deps, publisher)
+            task_status.started()
+
+
+async def release_scheduled(deps: Deps, publisher: ConfirmedPublisher) -> None:
+    """Queue scheduled emails as their time comes (checked every SCHEDULE_POLL_S, so within a
+    second of it, also for times that passed while no retry role ran)."""
+    while not deps.stop.is_set():
+        try:
+            async with deps.db.connection() as conn:
+                due = await queries.release_scheduled(conn, limit=SCHEDULE_BATCH)
+            if due:
+                log.info("released %d scheduled emails", len(due))
+                await publish_and_mark(deps, publisher, due)  # unconfirmed: the sweeper's
+            if len(due) == SCHEDULE_BATCH:
+                continue
+        except (psycopg.Error, PoolTimeout) as exc:
+            log.warning("could not release scheduled emails: %s", exc)
+        with anyio.move_on_after(SCHEDULE_POLL_S):
+            await deps.stop.wait()

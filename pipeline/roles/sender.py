@@ -10,26 +10,45 @@ from __future__ import annotations
 
 import base64
 import logging
+from collections.abc import Mapping
 from datetime import UTC
 from functools import partial
 
 import anyio
+import psycopg
 from anyio.abc import TaskStatus
+from psycopg_pool import PoolTimeout
 
 from pipeline.amqp.consumer import Delivery, consume
 from pipeline.amqp.publisher import ConfirmedPublisher
 from pipeline.amqp.topology import RETRY
 from pipeline.errors import DeliveryError, Permanent, PublishNotConfirmed
-from pipeline.mail.classify import SmtpReply, is_hard_bounce
+from pipeline.mail.classify import (
+    RecipientsDeferred,
+    RecipientsRefused,
+    SmtpReply,
+    is_hard_bounce,
+)
+from pipeline.mail.dkim import load_signers, sign_for
 from pipeline.mail.render import Attachment, OutgoingEmail, envelope_sender, render
 from pipeline.mail.smtp_pool import SmtpPool
 from pipeline.messages import UndecodableMessage, decode_send, encode_send
 from pipeline.resources import Deps
 from pipeline.retry import RetryPolicy, exhausted, next_wait_s
 from pipeline.store import queries
+from pipeline.suppressions import (
+    permanently_refused,
+    recipients_to_suppress,
+    refused_to_suppress,
+)
 
 log = logging.getLogger(__name__)
 
+DB_ERROR_PAUSE_S = 2.0
+"""How long a worker backs off after PostgreSQL failed it (a pause, not synchronisation)."""
+DB_SHIELD_S = 10.0
+"""Longest a claim, a `sent` commit or a claim's release holds off a cancellation (a lost
+broker connection cancels the handlers): none of them may be cut in two."""
 ATTEMPT_HEADER = "x-mailpipe-attempt"
 WAIT_HEADER = "x-mailpipe-wait-s"
 
@@ -62,6 +81,11 @@ def outgoing(claimed: queries.Claimed) -> OutgoingEmail:
     )
 
 
+def exhausted_reason(attempts: int) -> str:
+    """A dead letter's reason when its email used up `retry.max_attempts`."""
+    return f"retries exhausted after {attempts} attempt{'' if attempts == 1 else 's'}"
+
+
 def envelope_from(claimed: queries.Claimed) -> str:
     return envelope_sender(outgoing(claimed))
 
@@ -78,16 +102,41 @@ class Sender:
             retry.base_delay_s, retry.max_delay_s, retry.max_attempts, retry.tiers_s
         )
         self.lease_s = deps.settings.sweeper.lease_s
+        self.signers = load_signers(deps.settings.dkim)
+
+    def render(self, claimed: queries.Claimed) -> bytes:
+        """The message as every attempt sends it: MIME, then the DKIM signature if the sender's
+        domain has a key."""
+        email = outgoing(claimed)
+        domain = envelope_sender(email).rpartition("@")[2]
+        return sign_for(self.signers, domain, render(email))
 
     async def handle(self, delivery: Delivery) -> None:
+        """One message; a database outage requeues it and pauses this worker instead of
+        dead-lettering an email that did nothing wrong."""
+        try:
+            await self.attempt(delivery)
+        except (psycopg.Error, PoolTimeout) as exc:
+            log.warning("database unavailable (%s); requeueing and pausing", exc)
+            if not delivery.settled:
+                await delivery.nack(requeue=True)
+            await anyio.sleep(DB_ERROR_PAUSE_S)
+
+    async def attempt(self, delivery: Delivery) -> None:
         try:
             email_id = decode_send(delivery.body)
         except UndecodableMessage as exc:
             log.error("dead-lettering a message that is not ours: %s", exc)
             await delivery.reject(requeue=False)  # the send queue dead-letters it
             return
-        async with self.deps.db.connection() as conn:
-            claimed = await queries.claim_for_send(conn, email_id, lease_s=self.lease_s)
+        # Shielded: cancelled between its commit and its answer, a claim would sit unknown to
+        # anyone until its lease runs out.
+        with anyio.move_on_after(DB_SHIELD_S, shield=True) as claiming:
+            async with self.deps.db.connection() as conn:
+                claimed = await queries.claim_for_send(conn, email_id, lease_s=self.lease_s)
+        if claiming.cancelled_caught:  # the database is too slow; if it was claimed, the lease
+            await delivery.nack(requeue=True)  # brings it back
+            return
         if claimed is None:
             # Already sent, canceled, or being sent by someone else: this copy is redundant.
             await delivery.ack()
@@ -96,17 +145,44 @@ class Sender:
         try:
             raw = claimed.raw
             if raw is None:
-                raw = fresh_raw = render(outgoing(claimed))
+                raw = fresh_raw = self.render(claimed)
             reply = await self.smtp.send(envelope_from(claimed), claimed.envelope_to, raw)
+        except anyio.get_cancelled_exc_class():
+            # Cancelled mid-send: the broker connection was lost (the consumer cancels its
+            # handlers) or a stop's grace ran out. The outcome is unknown either way; give the
+            # claim back now so the redelivered message retries it, instead of after the lease.
+            await self.release(claimed.id)
+            raise
         except DeliveryError as err:
             await self.failed(delivery, claimed, err, fresh_raw)
             return
         except ValueError as exc:  # cannot be rendered: no attempt will ever succeed
             await self.failed(delivery, claimed, Permanent(f"cannot render: {exc}"), None)
             return
-        async with self.deps.db.connection() as conn:
-            await queries.mark_sent(conn, claimed.id, reply=reply.to_json(), raw=fresh_raw)
+        refused = {addr: r.to_json() for addr, r in reply.refused.items()}
+        # After the relay's 250 only this commit stands between the email and a second send:
+        # a cancellation (lost broker connection) must not interrupt it.
+        with anyio.move_on_after(DB_SHIELD_S, shield=True):
+            async with self.deps.db.connection() as conn:
+                await queries.mark_sent(
+                    conn,
+                    claimed.id,
+                    reply=reply.to_json(),
+                    raw=fresh_raw,
+                    refused=refused,
+                    suppress=refused_to_suppress(reply.refused),
+                )
         await delivery.ack()
+
+    async def release(self, email_id: str) -> None:
+        """Give a claim back (`sending` → `queued`), shielded and bounded; when the database
+        cannot be reached the lease still brings the email back later."""
+        with anyio.move_on_after(DB_SHIELD_S, shield=True):
+            try:
+                async with self.deps.db.connection() as conn:
+                    await queries.release_claim(conn, email_id)
+            except Exception as exc:
+                log.warning("could not release %s (%s); its lease will", email_id, exc)
 
     async def failed(
         self,
@@ -115,11 +191,26 @@ class Sender:
         err: DeliveryError,
         fresh_raw: bytes | None,
     ) -> None:
-        reply = SmtpReply(err.code, err.enhanced, err.message).to_json()
+        """Record a failed attempt: bounce it, dead-letter it, or send it to the retry queue.
+
+        The reply goes on the email and in the event whatever the outcome; 5.1.x refusals put
+        their recipients on the suppression list in the same statement."""
+        reply = SmtpReply.from_error(err).to_json()
+        per_recipient: Mapping[str, SmtpReply] = (
+            err.refused if isinstance(err, RecipientsRefused | RecipientsDeferred) else {}
+        )
+        refused = {addr: r.to_json() for addr, r in per_recipient.items()}
+        suppress = recipients_to_suppress(err, claimed.envelope_to)
         if isinstance(err, Permanent):
             async with self.deps.db.connection() as conn:
                 await queries.mark_bounced(
-                    conn, claimed.id, reply=reply, hard=is_hard_bounce(err), raw=fresh_raw
+                    conn,
+                    claimed.id,
+                    reply=reply,
+                    hard=bool(suppress) or is_hard_bounce(err),
+                    raw=fresh_raw,
+                    refused=refused,
+                    suppress=suppress,
                 )
             await delivery.ack()
             return
@@ -128,9 +219,10 @@ class Sender:
                 await queries.mark_failed(
                     conn,
                     claimed.id,
-                    reason=f"retries exhausted after {claimed.attempts} attempts",
+                    reason=exhausted_reason(claimed.attempts),
                     reply=reply,
                     raw=fresh_raw,
+                    suppress=suppress,
                 )
             await delivery.ack()
             return
@@ -143,6 +235,9 @@ class Sender:
                 attempt=claimed.attempts,
                 wait_s=wait_s,
                 raw=fresh_raw,
+                refused=refused,
+                drop=permanently_refused(per_recipient),
+                suppress=suppress,
             )
         try:
             await self.publisher.publish(

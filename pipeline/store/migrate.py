@@ -25,12 +25,15 @@ def migration_files() -> list[tuple[int, str, str]]:
         if entry.name.endswith(".sql"):
             version = int(entry.name.split("_", 1)[0])
             found.append((version, entry.name, entry.read_text(encoding="utf-8")))
+    versions = [v for v, _, _ in found]
+    if len(versions) != len(set(versions)):
+        raise StoreError(f"two migrations share a number: {sorted(n for _, n, _ in found)}")
     return sorted(found)
 
 
 async def ensure_database(url: str) -> bool:
     """Create the database named in `url` if it does not exist; True when it was created."""
-    dbname = conninfo_to_dict(url).get("dbname") or "postgres"
+    dbname = str(conninfo_to_dict(url).get("dbname") or "postgres")
     admin = make_conninfo(url, dbname="postgres")
     try:
         async with await psycopg.AsyncConnection.connect(admin, autocommit=True) as conn:
@@ -65,7 +68,7 @@ async def migrate(url: str) -> list[str]:
                 if version in done:
                     continue
                 async with conn.transaction():
-                    await conn.execute(text)  # type: ignore[arg-type]
+                    await conn.execute(text)
                     await conn.execute(
                         "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
                         (version, name),

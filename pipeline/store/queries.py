@@ -161,6 +161,8 @@ class NewEmail:
     tags: Mapping[str, str]
     metadata: Any
     scheduled_at: datetime | None
+    recipients: Sequence[str] = ()
+    """Bare lower-cased to+cc+bcc, for `?to=` search."""
 
 
 @dataclass(frozen=True)
@@ -197,16 +199,37 @@ def _event_insert(type_sql: str, data_sql: str, source: str) -> str:
     )
 
 
-async def insert_email(conn: Conn, email: NewEmail, *, event_type: str) -> datetime:
-    """Insert the email and its first event; returns created_at."""
+async def insert_email(
+    conn: Conn,
+    email: NewEmail,
+    *,
+    event_type: str,
+    suppressed: Mapping[str, str] | None = None,
+) -> datetime:
+    """Insert the email and its first events; returns created_at.
+
+    `suppressed` maps each recipient left out of the envelope (as given) to the reason it is
+    on the suppression list: one `email.suppressed` event each, before `event_type` (which is
+    skipped when the email itself is `suppressed`, so that status has no empty twin event).
+    """
+    events: list[dict[str, Any]] = [
+        {"type": "email.suppressed", "data": {"recipient": addr, "reason": reason}}
+        for addr, reason in (suppressed or {}).items()
+    ]
+    if email.status != "suppressed" or not events:
+        events.append({"type": event_type, "data": {}})
     cur = await conn.execute(
         "WITH e AS (INSERT INTO emails (id, account_id, status, from_email, to_addrs, cc_addrs,"
         " bcc_addrs, reply_to, envelope_to, subject, content, message_id, tags, metadata,"
-        " scheduled_at) VALUES (%(id)s, %(account_id)s, %(status)s, %(from_email)s, %(to)s,"
+        " scheduled_at, recipients)"
+        " VALUES (%(id)s, %(account_id)s, %(status)s, %(from_email)s, %(to)s,"
         " %(cc)s, %(bcc)s, %(reply_to)s, %(envelope_to)s, %(subject)s, %(content)s,"
-        " %(message_id)s, %(tags)s, %(metadata)s, %(scheduled_at)s)"
+        " %(message_id)s, %(tags)s, %(metadata)s, %(scheduled_at)s, %(recipients)s)"
         " RETURNING id, account_id, created_at),"
-        " ev AS (" + _event_insert("%(event_type)s", "'{}'::jsonb", "e") + ")"
+        # ORDER BY n: the events' seq follows the list's order.
+        " ev AS (INSERT INTO events (email_id, account_id, type, data)"
+        " SELECT e.id, e.account_id, x.value->>'type', x.value->'data'"
+        " FROM e, jsonb_array_elements(%(events)s) WITH ORDINALITY AS x(value, n) ORDER BY x.n)"
         " SELECT created_at FROM e",
         {
             "id": email.id,
@@ -224,7 +247,8 @@ async def insert_email(conn: Conn, email: NewEmail, *, event_type: str) -> datet
             "tags": Jsonb(dict(email.tags)),
             "metadata": None if email.metadata is None else Jsonb(email.metadata),
             "scheduled_at": email.scheduled_at,
-            "event_type": event_type,
+            "recipients": list(email.recipients),
+            "events": Jsonb(events),
         },
     )
     row = await cur.fetchone()
@@ -250,21 +274,145 @@ async def get_email(conn: Conn, account_id: str, email_id: str) -> dict[str, Any
         return await cur.fetchone()
 
 
+@dataclass(frozen=True)
+class EmailFilter:
+    """`GET /v1/emails` filters; None means any."""
+
+    status: str | None = None
+    recipient: str | None = None  # bare, lower-cased
+    tag: tuple[str, str] | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
 async def list_emails(
-    conn: Conn, account_id: str, *, limit: int, before: tuple[datetime, str] | None
+    conn: Conn,
+    account_id: str,
+    *,
+    limit: int,
+    before: tuple[datetime, str] | None,
+    where: EmailFilter = EmailFilter(),
 ) -> list[dict[str, Any]]:
     """Newest first; keyset pagination on (created_at, id) stays exact while rows arrive."""
-    where, params = "account_id = %s", [account_id]
+    clauses, params = ["account_id = %s"], list[Any]([account_id])
     if before is not None:
-        where += " AND (created_at, id) < (%s, %s)"
+        clauses.append("(created_at, id) < (%s, %s)")
         params += [before[0], before[1]]
+    if where.status is not None:
+        clauses.append("status = %s")
+        params.append(where.status)
+    if where.recipient is not None:
+        clauses.append("recipients @> ARRAY[%s]::text[]")
+        params.append(where.recipient)
+    if where.tag is not None:
+        clauses.append("tags @> %s")
+        params.append(Jsonb({where.tag[0]: where.tag[1]}))
+    if where.since is not None:
+        clauses.append("created_at >= %s")
+        params.append(where.since)
+    if where.until is not None:
+        clauses.append("created_at < %s")
+        params.append(where.until)
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
-            f"SELECT {_PUBLIC_EMAIL_COLUMNS} FROM emails WHERE {where}"
+            f"SELECT {_PUBLIC_EMAIL_COLUMNS} FROM emails WHERE {' AND '.join(clauses)}"
             " ORDER BY created_at DESC, id DESC LIMIT %s",
             [*params, limit],
         )
         return await cur.fetchall()
+
+
+async def cancel_email(conn: Conn, account_id: str, email_id: str) -> str | None:
+    """`scheduled`/`queued` → `canceled`; returns the status found (None: no such email).
+    A sender that later receives its message cannot claim it."""
+    cur = await conn.execute(
+        "WITH c AS (UPDATE emails SET status = 'canceled', updated_at = clock_timestamp(),"
+        " lease_until = NULL WHERE account_id = %(account)s AND id = %(id)s"
+        " AND status IN ('scheduled', 'queued') RETURNING id, account_id),"
+        " ev AS (" + _event_insert("'email.canceled'", "'{}'::jsonb", "c") + ")"
+        " SELECT 'canceled' FROM c UNION ALL"
+        " SELECT status FROM emails WHERE account_id = %(account)s AND id = %(id)s"
+        " AND NOT EXISTS (SELECT 1 FROM c)",
+        {"account": account_id, "id": email_id},
+    )
+    row = await cur.fetchone()
+    return None if row is None else row[0]
+
+
+async def release_scheduled(conn: Conn, *, limit: int) -> list[str]:
+    """Scheduled emails whose time has come → `queued` (unpublished: the caller publishes)."""
+    cur = await conn.execute(
+        "WITH r AS (UPDATE emails SET status = 'queued', published = false,"
+        " updated_at = clock_timestamp()"
+        " WHERE id IN (SELECT id FROM emails WHERE status = 'scheduled'"
+        " AND scheduled_at <= clock_timestamp() ORDER BY scheduled_at LIMIT %(limit)s"
+        " FOR UPDATE SKIP LOCKED) AND status = 'scheduled' RETURNING id, account_id),"
+        " ev AS (" + _event_insert("'email.queued'", "'{}'::jsonb", "r") + ")"
+        " SELECT id FROM r",
+        {"limit": limit},
+    )
+    return [row[0] for row in await cur.fetchall()]
+
+
+async def next_scheduled_at(conn: Conn) -> datetime | None:
+    cur = await conn.execute("SELECT min(scheduled_at) FROM emails WHERE status = 'scheduled'")
+    row = await cur.fetchone()
+    return None if row is None else row[0]
+
+
+# ---------------------------------------------------------------- idempotency
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    request_hash: bytes
+    response_code: int
+    response_body: Any
+
+
+async def lock_idempotency_key(conn: Conn, account_id: str, key: str) -> bool:
+    """Take the key for this transaction; False when another request holds it right now."""
+    cur = await conn.execute(
+        "SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))", (account_id + "/" + key,)
+    )
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
+async def stored_response(
+    conn: Conn, account_id: str, key: str, *, ttl_s: float
+) -> StoredResponse | None:
+    """The response the first request with this key got, if within the window."""
+    async with conn.cursor(row_factory=class_row(StoredResponse)) as cur:
+        await cur.execute(
+            "SELECT request_hash, response_code, response_body FROM idempotency_keys"
+            " WHERE account_id = %s AND key = %s"
+            " AND created_at > clock_timestamp() - make_interval(secs => %s)",
+            (account_id, key, ttl_s),
+        )
+        return await cur.fetchone()
+
+
+async def store_response(
+    conn: Conn, account_id: str, key: str, *, request_hash: bytes, code: int, body: Any
+) -> None:
+    """Remember the response (replacing an expired entry for the same key)."""
+    await conn.execute(
+        "INSERT INTO idempotency_keys (account_id, key, request_hash, response_code,"
+        " response_body) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (account_id, key) DO UPDATE"
+        " SET request_hash = EXCLUDED.request_hash, response_code = EXCLUDED.response_code,"
+        " response_body = EXCLUDED.response_body, created_at = clock_timestamp()",
+        (account_id, key, request_hash, code, Jsonb(body)),
+    )
+
+
+async def prune_idempotency_keys(conn: Conn, *, ttl_s: float) -> int:
+    cur = await conn.execute(
+        "DELETE FROM idempotency_keys"
+        " WHERE created_at < clock_timestamp() - make_interval(secs => %s)",
+        (ttl_s,),
+    )
+    return cur.rowcount
 
 
 async def list_events(conn: Conn, account_id: str, email_id: str) -> list[dict[str, Any]]:
@@ -306,20 +454,54 @@ async def claim_for_send(conn: Conn, email_id: str, *, lease_s: float) -> Claime
         return await cur.fetchone()
 
 
+def _suppress_insert(source: str) -> str:
+    """SQL that puts the addresses %(suppress)s on the suppression list of the account of each
+    row of `source` (a CTE with id, account_id), as hard bounces of that email."""
+    return (
+        "INSERT INTO suppressions (account_id, email, reason, source_email_id)"
+        f" SELECT {source}.account_id, a, 'hard_bounce', {source}.id"
+        f" FROM {source}, unnest(%(suppress)s::text[]) AS a"
+        " ON CONFLICT (account_id, email) DO NOTHING"
+    )
+
+
+def _refused_json(refused: Mapping[str, Mapping[str, Any]] | None) -> Jsonb | None:
+    return Jsonb({addr: dict(r) for addr, r in refused.items()}) if refused else None
+
+
 async def mark_sent(
-    conn: Conn, email_id: str, *, reply: Mapping[str, Any], raw: bytes | None
+    conn: Conn,
+    email_id: str,
+    *,
+    reply: Mapping[str, Any],
+    raw: bytes | None,
+    refused: Mapping[str, Mapping[str, Any]] | None = None,
+    suppress: Sequence[str] = (),
 ) -> bool:
-    """`sending` → `sent` with the relay's reply; keeps the rendered bytes for the record."""
+    """`sending` → `sent` with the relay's reply; keeps the rendered bytes for the record.
+
+    `refused` holds the recipients the relay refused while it took the message for the others
+    (each one's reply goes in the event); `suppress` the addresses among them that go on the
+    suppression list (5.1.x), in the same statement.
+    """
+    data = "jsonb_build_object('response', %(reply)s::jsonb, 'attempt', attempts)"
+    if refused:
+        data += " || jsonb_build_object('refused', %(refused)s::jsonb)"
     cur = await conn.execute(
         "WITH s AS (UPDATE emails SET status = 'sent', sent_at = clock_timestamp(),"
         " updated_at = clock_timestamp(), last_response = %(reply)s, lease_until = NULL,"
         " raw = coalesce(raw, %(raw)s)"
-        " WHERE id = %(id)s AND status = 'sending' RETURNING id, account_id),"
-        " ev AS ("
-        + _event_insert("'email.sent'", "jsonb_build_object('response', %(reply)s::jsonb)", "s")
-        + ")"
+        " WHERE id = %(id)s AND status = 'sending' RETURNING id, account_id, attempts),"
+        " sup AS (" + _suppress_insert("s") + "),"
+        " ev AS (" + _event_insert("'email.sent'", data, "s") + ")"
         " SELECT count(*) FROM s",
-        {"id": email_id, "reply": Jsonb(dict(reply)), "raw": raw},
+        {
+            "id": email_id,
+            "reply": Jsonb(dict(reply)),
+            "raw": raw,
+            "refused": _refused_json(refused),
+            "suppress": list(suppress),
+        },
     )
     row = await cur.fetchone()
     return bool(row and row[0])
@@ -333,29 +515,43 @@ async def mark_deferred(
     attempt: int,
     wait_s: float,
     raw: bytes | None,
+    refused: Mapping[str, Mapping[str, Any]] | None = None,
+    drop: Sequence[str] = (),
+    suppress: Sequence[str] = (),
 ) -> datetime | None:
-    """`sending` → `deferred` after a temporary failure; returns when the next attempt is due."""
+    """`sending` → `deferred` after a temporary failure; returns when the next attempt is due.
+
+    When the relay refused every recipient but some only for now, `refused` has each one's
+    reply (recorded in the event), `drop` the envelope addresses refused for good (left out of
+    later attempts) and `suppress` those of them that go on the suppression list (5.1.x).
+    """
+    data = (
+        "jsonb_build_object('response', %(reply)s::jsonb, 'attempt', %(attempt)s::int,"
+        " 'next_attempt_at', to_char(next_attempt_at AT TIME ZONE 'UTC',"
+        ' \'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"\'))'
+    )
+    if refused:
+        data += " || jsonb_build_object('refused', %(refused)s::jsonb)"
     cur = await conn.execute(
         "WITH d AS (UPDATE emails SET status = 'deferred', updated_at = clock_timestamp(),"
         " last_response = %(reply)s, lease_until = NULL, raw = coalesce(raw, %(raw)s),"
+        " envelope_to = ARRAY(SELECT a FROM unnest(envelope_to) WITH ORDINALITY AS t(a, n)"
+        " WHERE a <> ALL(%(drop)s::text[]) ORDER BY n),"
         " next_attempt_at = clock_timestamp() + make_interval(secs => %(wait_s)s)"
         " WHERE id = %(id)s AND status = 'sending'"
         " RETURNING id, account_id, next_attempt_at),"
-        " ev AS ("
-        + _event_insert(
-            "'email.deferred'",
-            "jsonb_build_object('response', %(reply)s::jsonb, 'attempt', %(attempt)s::int,"
-            " 'next_attempt_at', to_char(next_attempt_at AT TIME ZONE 'UTC',"
-            ' \'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"\'))',
-            "d",
-        )
-        + ") SELECT next_attempt_at FROM d",
+        " sup AS (" + _suppress_insert("d") + "),"
+        " ev AS (" + _event_insert("'email.deferred'", data, "d") + ")"
+        " SELECT next_attempt_at FROM d",
         {
             "id": email_id,
             "reply": Jsonb(dict(reply)),
             "raw": raw,
             "wait_s": wait_s,
             "attempt": attempt,
+            "refused": _refused_json(refused),
+            "drop": list(drop),
+            "suppress": list(suppress),
         },
     )
     row = await cur.fetchone()
@@ -363,25 +559,40 @@ async def mark_deferred(
 
 
 async def mark_bounced(
-    conn: Conn, email_id: str, *, reply: Mapping[str, Any], hard: bool, raw: bytes | None
+    conn: Conn,
+    email_id: str,
+    *,
+    reply: Mapping[str, Any],
+    hard: bool,
+    raw: bytes | None,
+    refused: Mapping[str, Mapping[str, Any]] | None = None,
+    suppress: Sequence[str] = (),
 ) -> bool:
-    """`sending` → `bounced` after a permanent rejection (5xx)."""
+    """`sending` → `bounced` after a permanent rejection (5xx).
+
+    `suppress` are the addresses that go on the account's suppression list (a hard bounce, 5.1.x)
+    in the same statement; `refused` each recipient's own reply when they were refused at RCPT.
+    """
+    data = (
+        "jsonb_build_object('response', %(reply)s::jsonb, 'bounce_type', %(kind)s::text,"
+        " 'attempt', attempts, 'suppressed', %(suppress)s::text[])"
+    )
+    if refused:
+        data += " || jsonb_build_object('refused', %(refused)s::jsonb)"
     cur = await conn.execute(
         "WITH b AS (UPDATE emails SET status = 'bounced', updated_at = clock_timestamp(),"
         " last_response = %(reply)s, lease_until = NULL, raw = coalesce(raw, %(raw)s)"
-        " WHERE id = %(id)s AND status = 'sending' RETURNING id, account_id),"
-        " ev AS ("
-        + _event_insert(
-            "'email.bounced'",
-            "jsonb_build_object('response', %(reply)s::jsonb, 'bounce_type', %(kind)s::text)",
-            "b",
-        )
-        + ") SELECT count(*) FROM b",
+        " WHERE id = %(id)s AND status = 'sending' RETURNING id, account_id, attempts),"
+        " sup AS (" + _suppress_insert("b") + "),"
+        " ev AS (" + _event_insert("'email.bounced'", data, "b") + ")"
+        " SELECT count(*) FROM b",
         {
             "id": email_id,
             "reply": Jsonb(dict(reply)),
             "raw": raw,
             "kind": "hard" if hard else "soft",
+            "refused": _refused_json(refused),
+            "suppress": list(suppress),
         },
     )
     row = await cur.fetchone()
@@ -395,23 +606,27 @@ async def mark_failed(
     reason: str,
     reply: Mapping[str, Any] | None = None,
     raw: bytes | None = None,
+    suppress: Sequence[str] = (),
 ) -> str | None:
     """Any unfinished status → `failed`, with a dead letter row to list and replay; returns
-    the dead letter's id (None when the email was already finished)."""
+    the dead letter's id (None when the email is unknown or was already finished). The event
+    carries the last reply, so the final attempt's answer is in the timeline too; `suppress`
+    are addresses the last attempt hard-bounced (5.1.x at RCPT while others were deferred)."""
     cur = await conn.execute(
         "WITH f AS (UPDATE emails SET status = 'failed', updated_at = clock_timestamp(),"
         " last_response = coalesce(%(reply)s, last_response), lease_until = NULL,"
-        " raw = coalesce(raw, %(raw)s)"
+        " next_attempt_at = NULL, raw = coalesce(raw, %(raw)s)"
         " WHERE id = %(id)s AND status IN ('queued', 'sending', 'deferred')"
         " RETURNING id, account_id, attempts, last_response),"
         " dl AS (INSERT INTO dead_letters (id, email_id, account_id, reason, attempts,"
         " last_response) SELECT %(dlq_id)s, id, account_id, %(reason)s, attempts, last_response"
         " FROM f RETURNING id),"
+        " sup AS (" + _suppress_insert("f") + "),"
         " ev AS ("
         + _event_insert(
             "'email.failed'",
             "jsonb_build_object('reason', %(reason)s::text, 'attempts', attempts,"
-            " 'dead_letter_id', %(dlq_id)s::text)",
+            " 'response', last_response, 'dead_letter_id', %(dlq_id)s::text)",
             "f",
         )
         + ") SELECT id FROM dl",
@@ -421,6 +636,7 @@ async def mark_failed(
             "reply": None if reply is None else Jsonb(dict(reply)),
             "raw": raw,
             "dlq_id": new_id("dlq"),
+            "suppress": list(suppress),
         },
     )
     row = await cur.fetchone()
@@ -467,3 +683,191 @@ async def reclaim_expired_leases(conn: Conn, *, limit: int) -> list[str]:
         {"limit": limit},
     )
     return [row[0] for row in await cur.fetchall()]
+
+
+# ---------------------------------------------------------------- suppressions
+
+
+@dataclass(frozen=True)
+class Suppression:
+    email: str
+    reason: str
+    created_at: datetime
+    source_email_id: str | None
+
+
+_SUPPRESSION_COLUMNS = "email, reason, created_at, source_email_id"
+
+
+async def suppressed_among(conn: Conn, account_id: str, addresses: Sequence[str]) -> dict[str, str]:
+    """Which of `addresses` (canonical: lower-cased) are on the account's suppression list,
+    each with its reason."""
+    if not addresses:
+        return {}
+    cur = await conn.execute(
+        "SELECT email, reason FROM suppressions WHERE account_id = %s AND email = ANY(%s)",
+        (account_id, list(addresses)),
+    )
+    return {row[0]: row[1] for row in await cur.fetchall()}
+
+
+async def add_suppression(
+    conn: Conn,
+    account_id: str,
+    email: str,
+    *,
+    reason: str,
+    source_email_id: str | None = None,
+) -> tuple[Suppression, bool]:
+    """Put `email` (canonical) on the list; (the row, True) when it was added now, (the row
+    already there, False) when it was on the list already."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            "WITH ins AS (INSERT INTO suppressions (account_id, email, reason, source_email_id)"
+            " VALUES (%(account_id)s, %(email)s, %(reason)s, %(source)s)"
+            f" ON CONFLICT (account_id, email) DO NOTHING RETURNING {_SUPPRESSION_COLUMNS})"
+            f" SELECT {_SUPPRESSION_COLUMNS}, true AS created FROM ins UNION ALL"
+            f" SELECT {_SUPPRESSION_COLUMNS}, false FROM suppressions"
+            " WHERE account_id = %(account_id)s AND email = %(email)s"
+            " AND NOT EXISTS (SELECT 1 FROM ins)",
+            {"account_id": account_id, "email": email, "reason": reason, "source": source_email_id},
+        )
+        row = await cur.fetchone()
+    if row is None:
+        # Deleted between the conflict and the read: rare enough to simply try again.
+        return await add_suppression(
+            conn, account_id, email, reason=reason, source_email_id=source_email_id
+        )
+    created: bool = row.pop("created")
+    return Suppression(**row), created
+
+
+async def list_suppressions(
+    conn: Conn, account_id: str, *, limit: int, before: tuple[datetime, str] | None
+) -> list[Suppression]:
+    """Newest first; keyset pagination on (created_at, email)."""
+    where, params = "account_id = %s", list[Any]([account_id])
+    if before is not None:
+        where += " AND (created_at, email) < (%s, %s)"
+        params += [before[0], before[1]]
+    async with conn.cursor(row_factory=class_row(Suppression)) as cur:
+        await cur.execute(
+            f"SELECT {_SUPPRESSION_COLUMNS} FROM suppressions WHERE {where}"
+            " ORDER BY created_at DESC, email DESC LIMIT %s",
+            [*params, limit],
+        )
+        return await cur.fetchall()
+
+
+async def delete_suppression(conn: Conn, account_id: str, email: str) -> bool:
+    """True when `email` was on the account's list and is now off it."""
+    cur = await conn.execute(
+        "DELETE FROM suppressions WHERE account_id = %s AND email = %s", (account_id, email)
+    )
+    return cur.rowcount == 1
+
+
+# ---------------------------------------------------------------- dead letters
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    id: str
+    email_id: str
+    account_id: str
+    reason: str
+    attempts: int
+    last_response: dict[str, Any] | None
+    created_at: datetime
+    replayed_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Replay:
+    """The outcome of one replay statement: the letter (None when there is no such letter)
+    and whether its email went back to `queued` now."""
+
+    letter: DeadLetter | None
+    replayed: bool
+
+
+_DEAD_LETTER_COLUMNS = (
+    "id, email_id, account_id, reason, attempts, last_response, created_at, replayed_at"
+)
+
+
+async def list_dead_letters(
+    conn: Conn,
+    *,
+    account_id: str | None,
+    limit: int,
+    before: tuple[datetime, str] | None = None,
+    pending_only: bool = False,
+) -> list[DeadLetter]:
+    """Newest first, keyset pagination on (created_at, id); every account when `account_id`
+    is None (the operator's view); `pending_only` leaves out the replayed ones."""
+    clauses, params = ["true"], list[Any]()
+    if account_id is not None:
+        clauses.append("account_id = %s")
+        params.append(account_id)
+    if before is not None:
+        clauses.append("(created_at, id) < (%s, %s)")
+        params += [before[0], before[1]]
+    if pending_only:
+        clauses.append("replayed_at IS NULL")
+    async with conn.cursor(row_factory=class_row(DeadLetter)) as cur:
+        await cur.execute(
+            f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters WHERE {' AND '.join(clauses)}"
+            " ORDER BY created_at DESC, id DESC LIMIT %s",
+            [*params, limit],
+        )
+        return await cur.fetchall()
+
+
+async def replay_dead_letter(conn: Conn, letter_id: str, *, account_id: str | None) -> Replay:
+    """Put the letter's email back to `queued` (attempts 0, unpublished, `email.replayed`
+    event) if it is still `failed`, and mark the letter (and any other unreplayed letter of
+    that email) replayed, all in one statement. The conditional update makes a concurrent or
+    repeated replay a no-op: the letter comes back with `replayed` False."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            f"WITH dl AS (SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = %(id)s"
+            " AND (%(account_id)s::text IS NULL OR account_id = %(account_id)s)),"
+            " e AS (UPDATE emails SET status = 'queued', attempts = 0, published = false,"
+            " lease_until = NULL, next_attempt_at = NULL, updated_at = clock_timestamp()"
+            " WHERE id = (SELECT email_id FROM dl) AND status = 'failed'"
+            " RETURNING id, account_id),"
+            " marked AS (UPDATE dead_letters SET replayed_at = clock_timestamp()"
+            " WHERE email_id IN (SELECT id FROM e) AND (id = %(id)s OR replayed_at IS NULL)"
+            " RETURNING id, replayed_at),"
+            " ev AS ("
+            + _event_insert(
+                "'email.replayed'", "jsonb_build_object('dead_letter_id', %(id)s::text)", "e"
+            )
+            + ")"
+            " SELECT dl.id, dl.email_id, dl.account_id, dl.reason, dl.attempts,"
+            " dl.last_response, dl.created_at,"
+            " coalesce((SELECT replayed_at FROM marked WHERE marked.id = dl.id), dl.replayed_at)"
+            " AS replayed_at, EXISTS (SELECT 1 FROM e) AS replayed FROM dl",
+            {"id": letter_id, "account_id": account_id},
+        )
+        row = await cur.fetchone()
+    if row is None:
+        return Replay(None, False)
+    replayed = row.pop("replayed")
+    return Replay(DeadLetter(**row), replayed)
+
+
+async def insert_dead_message(
+    conn: Conn, *, queue: str | None, reason: str | None, headers: Mapping[str, Any], body: bytes
+) -> int:
+    """Keep a dead-lettered message that names no email of ours, for the operator."""
+    cur = await conn.execute(
+        "INSERT INTO dead_messages (queue, reason, headers, body) VALUES (%s, %s, %s, %s)"
+        " RETURNING id",
+        (queue, reason, Jsonb(dict(headers)), body),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    dead_id: int = row[0]
+    return dead_id

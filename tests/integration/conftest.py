@@ -80,6 +80,9 @@ def test_env(db_url: str, prefix: str, **overrides: str) -> dict[str, str]:
         "MAILPIPE_RETRY_TIERS_S": "1,2,4",
         "MAILPIPE_RETRY_BASE_DELAY_S": "1",
         "MAILPIPE_RETRY_MAX_DELAY_S": "4",
+        # Generous by default: only the rate-limit tests want to hit the limit.
+        "MAILPIPE_RATE_LIMIT_RATE": "1000",
+        "MAILPIPE_RATE_LIMIT_BURST": "1000",
     }
     env.update(overrides)
     return env

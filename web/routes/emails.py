@@ -2,32 +2,45 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
-from quart import Blueprint
-from quart_schema import validate_response
+from quart import Blueprint, Response, request
+from quart_schema import document_request, document_response, validate_response
 
 from pipeline import intake
+from pipeline.errors import IdempotencyError
 from pipeline.ids import new_id
 from pipeline.mail.render import new_message_id
 from pipeline.store import queries
+from pipeline.suppressions import canonical_address
 from web import cursor
 from web.addresses import bare, envelope_address
 from web.auth import caller, require
-from web.problems import Problem
+from web.problems import Problem, validation_problem
+from web.ratelimit import charge
 from web.schemas import (
+    MAX_BATCH,
+    BatchRequest,
+    BatchResult,
     Email,
     EmailAccepted,
     EmailList,
+    EmailListQuery,
     EventList,
-    ListQuery,
     ProblemDetails,
     SendEmail,
 )
 from web.state import state
-from web.validation import body, query
+from web.validation import body, json_body, parse, query
+
+JSON = "application/json"
 
 bp = Blueprint("emails", __name__)
+
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
 def _envelope(data: SendEmail) -> list[str]:
@@ -44,33 +57,122 @@ def new_email(account_id: str, data: SendEmail) -> queries.NewEmail:
     return queries.NewEmail(
         id=new_id("msg"),
         account_id=account_id,
-        status="queued",
+        status="scheduled" if data.scheduled_at else "queued",
         from_email=data.from_email,
         to=data.to,
         cc=data.cc,
         bcc=data.bcc,
-        reply_to=[],
+        reply_to=data.reply_to,
         envelope_to=_envelope(data),
         subject=data.subject,
-        content={"body_text": data.body_text, "body_html": data.body_html},
+        content={
+            "body_text": data.body_text,
+            "body_html": data.body_html,
+            "headers": data.headers,
+            "attachments": [a.model_dump() for a in data.attachments],
+        },
         message_id=new_message_id(domain),
-        tags={},
-        metadata=None,
-        scheduled_at=None,
+        tags=data.tags,
+        metadata=data.metadata,
+        scheduled_at=data.scheduled_at,
+        recipients=[canonical_address(a) for a in dict.fromkeys([*data.to, *data.cc, *data.bcc])],
     )
 
 
+async def idempotency_request() -> intake.IdempotencyRequest | None:
+    """The request's `Idempotency-Key` with a fingerprint of method, path and JSON body."""
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 256 or not key.isprintable():
+        raise validation_problem(
+            [{"field": IDEMPOTENCY_HEADER, "message": "must be 1 to 256 printable characters"}]
+        )
+    body = json.dumps(await json_body(), sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256(f"{request.method} {request.path}\n{body}".encode()).digest()
+    return intake.IdempotencyRequest(key, digest)
+
+
+async def accept(emails: list[queries.NewEmail], respond: intake.Respond) -> Response:
+    """Commit, publish and answer; replays a stored answer for a repeated Idempotency-Key."""
+    st = state()
+    try:
+        outcome = await intake.accept_all(
+            st.deps,
+            st.publisher,
+            caller().account_id,
+            emails,
+            respond=respond,
+            idempotency=await idempotency_request(),
+        )
+    except IdempotencyError as exc:
+        raise Problem(409, str(exc), slug="idempotency-conflict") from None
+    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else {}
+    return Response(
+        json.dumps(outcome.body), status=outcome.code, headers=headers, content_type=JSON
+    )
+
+
+def accepted_json(item: intake.Accepted) -> dict[str, Any]:
+    return EmailAccepted.model_validate(
+        {"id": item.id, "status": item.status, "created_at": item.created_at}
+    ).model_dump(mode="json")
+
+
 @bp.post("/v1/emails")
-@validate_response(EmailAccepted, 202)
-@validate_response(ProblemDetails, 422)
+@document_response(EmailAccepted, 202)
+@document_response(ProblemDetails, 409)
+@document_response(ProblemDetails, 422)
 @require("send")
 @body(SendEmail)
-async def send_email(data: SendEmail) -> tuple[EmailAccepted, int]:
-    """Accept one email. 202 means it is committed and will be attempted."""
-    st = state()
+async def send_email(data: SendEmail) -> Response:
+    """Accept one email. 202 means it is committed and will be attempted.
+
+    Recipients on the account's suppression list are left out of the envelope; when none
+    remain the email is `suppressed` and nothing is sent. With `scheduled_at` it waits as
+    `scheduled` until then. An `Idempotency-Key` makes a repeat return the first answer."""
     email = new_email(caller().account_id, data)
-    created_at = await intake.accept(st.deps, st.publisher, email)
-    return EmailAccepted(id=email.id, status="queued", created_at=created_at), 202
+    return await accept([email], lambda accepted: (202, accepted_json(accepted[0])))
+
+
+@bp.post("/v1/emails/batch")
+@document_request(BatchRequest)
+@document_response(BatchResult, 202)
+@document_response(ProblemDetails, 409)
+@document_response(ProblemDetails, 422)
+@require("send", cost=None)
+async def send_batch() -> Response:
+    """Accept up to 100 emails, each validated on its own; results in request order.
+
+    Valid items are committed in one transaction and published together; each invalid item
+    gets its own problem. The batch costs one rate-limit token per email."""
+    raw = await json_body()
+    items = raw.get("emails") if isinstance(raw, dict) else None
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
+        raise validation_problem(
+            [{"field": "emails", "message": f"a list of 1 to {MAX_BATCH} emails is required"}]
+        )
+    await charge(len(items))
+    account_id = caller().account_id
+    slots: list[queries.NewEmail | Problem] = []
+    for index, item in enumerate(items):
+        try:
+            slots.append(new_email(account_id, parse(SendEmail, item, prefix=("emails", index))))
+        except Problem as problem:
+            slots.append(problem)
+    emails = [s for s in slots if isinstance(s, queries.NewEmail)]
+
+    def respond(accepted: list[intake.Accepted]) -> tuple[int, Any]:
+        results = iter(accepted)
+        data = [
+            {"error": slot.body()}
+            if isinstance(slot, Problem)
+            else {k: v for k, v in accepted_json(next(results)).items() if k != "created_at"}
+            for slot in slots
+        ]
+        return 202, {"data": data}
+
+    return await accept(emails, respond)
 
 
 @bp.get("/v1/emails/<email_id>")
@@ -88,13 +190,21 @@ async def get_email(email_id: str) -> Email:
 @bp.get("/v1/emails")
 @validate_response(EmailList)
 @require("read")
-@query(ListQuery)
-async def list_emails(query_args: ListQuery) -> EmailList:
-    """Newest first, with an opaque cursor that stays exact while new emails arrive."""
+@query(EmailListQuery)
+async def list_emails(query_args: EmailListQuery) -> EmailList:
+    """Newest first, with an opaque cursor that stays exact while new emails arrive.
+    Filters: `status`, `to` (any of to, cc, bcc), `tag=name:value`, `since`, `until`."""
     before = cursor.decode(query_args.after) if query_args.after else None
+    where = queries.EmailFilter(
+        status=query_args.status,
+        recipient=canonical_address(query_args.to) if query_args.to else None,
+        tag=query_args.tag_pair(),
+        since=query_args.since,
+        until=query_args.until,
+    )
     async with state().deps.db.connection() as conn:
         rows = await queries.list_emails(
-            conn, caller().account_id, limit=query_args.limit + 1, before=before
+            conn, caller().account_id, limit=query_args.limit + 1, before=before, where=where
         )
     has_more = len(rows) > query_args.limit
     rows = rows[: query_args.limit]
@@ -115,3 +225,24 @@ async def list_events(email_id: str) -> EventList | Any:
             raise Problem(404, f"no email {email_id!r}")
         rows = await queries.list_events(conn, account_id, email_id)
     return EventList.model_validate({"data": rows})
+
+
+@bp.post("/v1/emails/<email_id>/cancel")
+@validate_response(Email)
+@validate_response(ProblemDetails, 409)
+@require("send", cost=0)
+async def cancel_email(email_id: str) -> Email:
+    """Cancel a `scheduled` or `queued` email: 200 with the email; 409 once sending started."""
+    account_id = caller().account_id
+    async with state().deps.db.connection() as conn:
+        async with conn.transaction():
+            found = await queries.cancel_email(conn, account_id, email_id)
+        if found is None:
+            raise Problem(404, f"no email {email_id!r}")
+        if found != "canceled":
+            raise Problem(
+                409,
+                f"email {email_id!r} is {found}; only scheduled or queued emails can be canceled",
+            )
+        row = await queries.get_email(conn, account_id, email_id)
+    return Email.model_validate(row)
