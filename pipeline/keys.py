@@ -40,7 +40,7 @@ def lookup_of(key: str) -> str | None:
 
 def generate_key(*, test: bool) -> NewKey:
     """A fresh key: prefix + 8-character lookup + 32-character secret (base62)."""
-    body = random_base62(6)[:LOOKUP_LEN].rjust(LOOKUP_LEN, "0") + random_base62(24)[:32]
+    body = random_base62(8)[-LOOKUP_LEN:] + random_base62(24)[-32:]
     key = ("sk_test_" if test else "sk_live_") + body
     lookup = lookup_of(key)
     assert lookup is not None

@@ -108,7 +108,8 @@ class Decision:
     reset_s: int
     """Whole seconds (rounded up) until the bucket is full again."""
     retry_after_s: int | None
-    """When refused: whole seconds (>= 1) until the cost is available; None if allowed or never."""
+    """When refused: whole seconds (>= 1) until the cost is available (for a cost above the
+    burst, which never fits: until the bucket is full); None when allowed."""
     shared: bool
     """True when Redis decided; False for the per-process fallback."""
 
@@ -139,6 +140,9 @@ def decide(allowed: bool, ahead_us: int, limit: Limit, cost: int, *, shared: boo
     if not allowed and cost <= limit.burst:
         wait_us = ahead + cost * limit.interval_us - limit.tolerance_us
         retry_after = max(1, _ceil_s(wait_us))
+    elif not allowed:
+        # Never fits; every 429 still names a wait (API.md), so: until the bucket is full.
+        retry_after = max(1, _ceil_s(ahead))
     return Decision(
         limit=limit,
         cost=cost,

@@ -39,12 +39,8 @@ def limit_of(who: Caller) -> Limit:
         return Limit(rate=config.rate, burst=config.burst)
 
 
-async def charge(cost: int) -> Decision:
-    """Take `cost` emails from the authenticated caller's budget (0 = only look).
-
-    The decision's headers go on the response whatever happens next; over the limit (or a cost
-    above the burst) raises a 429 problem with Retry-After.
-    """
+async def _decide(cost: int) -> Decision:
+    """Ask the limiter for the caller's key; remember the decision for the headers."""
     who: Caller = g.caller
     limiter: RateLimiter = current_app.extensions[_LIMITER]
     decision = await limiter.acquire(who.key_id, limit_of(who), cost)
@@ -53,6 +49,16 @@ async def charge(cost: int) -> Decision:
         metrics: ApiMetrics = current_app.extensions["metrics"]
         outcome = "allowed" if decision.allowed else "limited"
         metrics.ratelimit_fallback.labels(outcome).inc()
+    return decision
+
+
+async def charge(cost: int) -> Decision:
+    """Take `cost` emails from the authenticated caller's budget (0 = only look).
+
+    The decision's headers go on the response whatever happens next; over the limit (or a cost
+    above the burst) raises a 429 problem with Retry-After.
+    """
+    decision = await _decide(cost)
     if not decision.allowed:
         extra = {}
         if decision.retry_after_s is not None:
@@ -71,6 +77,10 @@ def register(app: Quart, app_state: AppState) -> None:
     @app.after_request
     async def _rate_limit_headers(response: Response) -> Response:
         decision: Decision | None = g.get("rate_limit")
+        if decision is None and g.get("caller") is not None:
+            # Authenticated, but answered before charging (a handler that charges itself
+            # refused the request first): a free look, so every such answer has the headers.
+            decision = await _decide(0)
         if decision is not None:
             response.headers.update(headers(decision))
         return response

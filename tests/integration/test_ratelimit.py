@@ -19,10 +19,6 @@ from pipeline import keys
 from pipeline.store import queries
 from tests.integration.conftest import Service, email_body, run_service, settings_for
 from tests.tcp_proxy import tcp_proxy
-from web.app import create_app
-from web.auth import require
-from web.ratelimit import charge
-from web.state import AppState
 
 pytestmark = pytest.mark.anyio
 
@@ -235,28 +231,33 @@ async def test_steady_load_stays_within_one_burst_of_rate_times_time(
         assert await fallback_counts(svc) == NONE
 
 
-async def test_cost_above_the_burst_is_refused(test_db: str, prefix: str) -> None:
-    """A batch of N > burst (through `charge`, as the batch handler will call it)."""
+async def test_a_batch_costs_one_token_per_email(test_db: str, prefix: str) -> None:
     async with limited(test_db, prefix, rate=1, burst=5) as svc:
-        app = create_app(AppState(deps=svc.deps, publisher=None))  # type: ignore[arg-type]
 
-        @app.post("/_test/batch/<int:n>")
-        @require("send", cost=None)
-        async def _batch(n: int) -> dict[str, int]:
-            await charge(n)
-            return {"charged": n}
+        async def batch(n: int) -> httpx.Response:
+            body = {"emails": [email_body() for _ in range(n)]}
+            return await svc.http.post("/v1/emails/batch", json=body, headers=svc.auth())
 
-        client = app.test_client()
-        r = await client.post("/_test/batch/6", headers=svc.auth())
-        assert r.status_code == 429
-        detail = (await r.get_json())["detail"]
+        too_big = await batch(6)
+        assert too_big.status_code == 429, too_big.text
+        detail = too_big.json()["detail"]
         assert "costs 6 emails" in detail and "burst is 5" in detail
-        assert "Retry-After" not in r.headers  # no wait ever makes it fit
-        assert r.headers["X-RateLimit-Remaining"] == "5"  # nothing was taken
-        r = await client.post("/_test/batch/5", headers=svc.auth())
-        assert r.status_code == 200 and r.headers["X-RateLimit-Remaining"] == "0"
-        r = await client.post("/_test/batch/1", headers=svc.auth())
-        assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+        # No wait ever makes it fit; Retry-After still names one (every 429 does).
+        assert int(too_big.headers["Retry-After"]) >= 1
+        assert limit_headers(too_big)["remaining"] == 5  # nothing was taken
+
+        three = await batch(3)
+        assert three.status_code == 202, three.text
+        assert limit_headers(three)["remaining"] == 2
+        over = await batch(3)
+        assert retry_after(over) == 1  # one more token is due within the second
+        assert limit_headers(over)["remaining"] == 2
+
+        # Refused before it was charged (a malformed batch): the headers are there anyway.
+        malformed = await svc.http.post("/v1/emails/batch", json={}, headers=svc.auth())
+        assert malformed.status_code == 422
+        assert limit_headers(malformed)["remaining"] == 2
+        assert await fallback_counts(svc) == NONE
 
 
 # ---------------------------------------------------------------- two processes

@@ -101,10 +101,11 @@ def test_decision_values_and_headers() -> None:
     assert decide(False, 1_900_000, limit, 4, shared=True).retry_after_s == 2
 
 
-def test_cost_above_burst_has_no_retry_after_and_says_why() -> None:
+def test_cost_above_burst_still_names_a_wait_and_says_why() -> None:
     limit = Limit(2, 5)
     decision = decide(False, 0, limit, 6, shared=True)
-    assert decision.exceeds_burst and decision.retry_after_s is None
+    assert decision.exceeds_burst and decision.retry_after_s is not None
+    assert decision.retry_after_s >= 1
     assert decision.remaining == 5
     assert "costs 6 emails" in refusal_detail(decision)
     assert "burst is 5" in refusal_detail(decision)
@@ -152,7 +153,7 @@ def test_retry_after_is_enough_and_reset_fills_the_bucket(
     limit: Limit, plan: list[tuple[int, int]]
 ) -> None:
     tat, now, decision = _run(limit, plan)
-    if decision.retry_after_s is not None:
+    if decision.retry_after_s is not None and not decision.exceeds_burst:
         assert decision.retry_after_s >= 1
         assert gcra(tat, now + decision.retry_after_s * US, limit, decision.cost)[0]
         # ...and it is the least whole number of seconds that is enough.
