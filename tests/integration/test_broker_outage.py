@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import signal
 from collections import Counter
 from collections.abc import Sequence
@@ -38,6 +39,8 @@ from tests.tcp_proxy import tcp_proxy
 pytestmark = pytest.mark.anyio
 
 RABBIT_HOST, RABBIT_PORT = "127.0.0.1", 5672
+TIMED_OUT = re.compile(r"first: publish (msg_\w+) to '\w+' not confirmed within")
+"""The publisher's warning for a publish that waited for its whole timeout."""
 
 
 def amqp_via(port: int) -> str:
@@ -63,7 +66,12 @@ def received(sink: SmtpSink) -> Counter[str]:
 
 @pytest.mark.parametrize("outage", ["cut", "hang"])
 async def test_api_accepts_while_the_broker_is_down_and_delivers_each_once_after(
-    test_db: str, prefix: str, outage: str, tmp_path: Path, record_property: Any
+    test_db: str,
+    prefix: str,
+    outage: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    record_property: Any,
 ) -> None:
     """`cut`: the broker is dead (connections reset, new ones too). `hang`: it is hung or the
     network drops everything (connections stay open, nothing answers), the case where each
@@ -83,53 +91,59 @@ async def test_api_accepts_while_the_broker_is_down_and_delivers_each_once_after
             **sink_env(sink),
         )
         async with run_service(settings, roles=("api",)) as api:
+            try:
 
-            async def post(subject: str) -> str:
-                r = await api.http.post(
-                    "/v1/emails", json=email_body(subject=subject), headers=api.auth()
-                )
-                assert r.status_code == 202, r.text
-                assert r.json()["status"] == "queued"
-                email_id: str = r.json()["id"]
-                return email_id
+                async def post(subject: str) -> str:
+                    r = await api.http.post(
+                        "/v1/emails", json=email_body(subject=subject), headers=api.auth()
+                    )
+                    assert r.status_code == 202, r.text
+                    assert r.json()["status"] == "queued"
+                    email_id: str = r.json()["id"]
+                    return email_id
 
-            # While the broker is there the publish is confirmed within the request.
-            ids = [await post("before")]
-            assert await published(test_db, ids) == Counter({True: 1})
+                # While the broker is there the publish is confirmed within the request.
+                ids = [await post("before")]
+                assert await published(test_db, ids) == Counter({True: 1})
 
-            getattr(proxy, outage)()
-            connects_before = proxy.accepted
-            latencies: list[float] = []
-            outage_ids: list[str] = []
-            for n in range(during_outage):
-                began = anyio.current_time()
-                outage_ids.append(await post(f"outage {n}"))
-                latencies.append(anyio.current_time() - began)
-            connects = proxy.accepted - connects_before
-            # Committed, not confirmed: the outbox holds them.
-            assert await statuses(test_db, outage_ids) == Counter({"queued": during_outage})
-            assert await published(test_db, outage_ids) == Counter({False: during_outage})
-            # Failing fast: requests do not each try the broker (and wait for it) again.
-            assert connects <= 5, f"{connects} connects for {during_outage} requests"
-            ids += outage_ids
-            proxy.restore()
+                getattr(proxy, outage)()
+                connects_before = proxy.accepted
+                latencies: list[float] = []
+                outage_ids: list[str] = []
+                for n in range(during_outage):
+                    began = anyio.current_time()
+                    outage_ids.append(await post(f"outage {n}"))
+                    latencies.append(anyio.current_time() - began)
+                connects = proxy.accepted - connects_before
+                waited = len({m for r in caplog.records if (m := TIMED_OUT.search(r.getMessage()))})
+                # Committed, not confirmed: the outbox holds them.
+                assert await statuses(test_db, outage_ids) == Counter({"queued": during_outage})
+                assert await published(test_db, outage_ids) == Counter({False: during_outage})
+                # Failing fast: requests do not each try the broker again, nor each wait for
+                # its timeout (in the hang, the first one has to, to find out).
+                assert connects <= 5, f"{connects} connects for {during_outage} requests"
+                assert waited <= 2, f"{waited} of {during_outage} requests waited for the timeout"
+                ids += outage_ids
+                proxy.restore()
 
-            env = mailpipe_env(test_db, prefix, sink.port, RABBITMQ_URL=amqp_via(proxy.port))
-            async with mailpipe_process(
-                env, roles="sender,retry,sweeper", log_path=tmp_path / "workers.log"
-            ) as workers:
-                await workers.wait_ready()
-                began = anyio.current_time()
-                await wait_all_sent(test_db, ids, within=45, proc=workers)
-                delivered_s = anyio.current_time() - began
+                env = mailpipe_env(test_db, prefix, sink.port, RABBITMQ_URL=amqp_via(proxy.port))
+                async with mailpipe_process(
+                    env, roles="sender,retry,sweeper", log_path=tmp_path / "workers.log"
+                ) as workers:
+                    await workers.wait_ready()
+                    began = anyio.current_time()
+                    await wait_all_sent(test_db, ids, within=45, proc=workers)
+                    delivered_s = anyio.current_time() - began
 
-                # The API's own publisher is back too (its fail-fast window has closed).
-                async def confirmed_again() -> bool:
-                    return await published(test_db, [await post("after")]) == {True: 1}
+                    # The API's own publisher is back too (its fail-fast window has closed).
+                    async def confirmed_again() -> bool:
+                        return await published(test_db, [await post("after")]) == {True: 1}
 
-                await poll(confirmed_again, within=15, interval=0.5, what="API publishes again")
-                workers.signal(signal.SIGTERM)
-                assert await workers.wait() == 0, workers.log_tail()
+                    await poll(confirmed_again, within=15, interval=0.5, what="API publishes again")
+                    workers.signal(signal.SIGTERM)
+                    assert await workers.wait() == 0, workers.log_tail()
+            finally:
+                proxy.restore()  # the teardown needs the broker
 
     # Exactly once each (the "after" probes may or may not have gone out before the end).
     subjects = Counter(str(m.message["Subject"]) for m in sink.messages)
@@ -140,6 +154,7 @@ async def test_api_accepts_while_the_broker_is_down_and_delivers_each_once_after
         "outage": outage,
         "accepted_during_outage": during_outage,
         "broker_connects_during_outage": connects,
+        "requests_that_waited_for_the_publish_timeout": waited,
         "request_s_max": round(max(latencies), 3),
         "request_s_median": round(sorted(latencies)[len(latencies) // 2], 3),
         "delivered_after_restore_s": round(delivered_s, 2),
@@ -176,19 +191,24 @@ async def test_sender_recovers_from_a_broker_outage_mid_stream(
         emails = new_emails(account_id, (f"outage {n}" for n in range(total)))
         ids = [e.id for e in emails]
         async with run_service(settings, roles=("sender", "retry", "sweeper")):
-            await accept_directly(test_db, amqp_via(RABBIT_PORT), topology_for(settings), emails)
-            await sink.wait_for(total // 5, timeout=30)
-            proxy.cut()
+            try:
+                await accept_directly(
+                    test_db, amqp_via(RABBIT_PORT), topology_for(settings), emails
+                )
+                await sink.wait_for(total // 5, timeout=30)
+                proxy.cut()
 
-            def crashed() -> int:
-                return sum("role sender crashed" in r.getMessage() for r in caplog.records)
+                def crashed() -> int:
+                    return sum("role sender crashed" in r.getMessage() for r in caplog.records)
 
-            await poll(crashed, within=30, what="the sender noticing the lost broker")
-            at_cut = await statuses(test_db, ids)
-            proxy.restore()
-            began = anyio.current_time()
-            await wait_all_sent(test_db, ids, within=within_s)
-            recovery_s = anyio.current_time() - began
+                await poll(crashed, within=30, what="the sender noticing the lost broker")
+                at_cut = await statuses(test_db, ids)
+                proxy.restore()
+                began = anyio.current_time()
+                await wait_all_sent(test_db, ids, within=within_s)
+                recovery_s = anyio.current_time() - began
+            finally:
+                proxy.restore()  # the teardown needs the broker
 
     counts = received(sink)
     assert len(counts) == total, "an email never reached the relay"
