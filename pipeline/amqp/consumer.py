@@ -188,26 +188,29 @@ async def _consume(
     closing = channel.closing
     closing.add_done_callback(on_channel_closed)
 
-    async def cancel_on_loss() -> None:
-        await lost_event.wait()
-        main.cancel_scope.cancel()
+    # Set on a stop and on a lost channel alike: workers then skip what is still buffered
+    # (left unacked, so redelivered) while in-flight handlers get the grace period to finish.
+    # Cancelling them at once on a lost connection would cut sends off after the relay may
+    # already have taken the message: a duplicate for every send in flight.
+    draining = anyio.Event()
 
     try:
         async with send, anyio.create_task_group() as main:
-            main.start_soon(cancel_on_loss)
             async with anyio.create_task_group() as workers:
                 for _ in range(concurrency):
-                    workers.start_soon(_worker, receive.clone(), handler, stop)
+                    workers.start_soon(_worker, receive.clone(), handler, draining)
                 receive.close()
                 task_status.started()
                 log.info("consuming %s with %d workers", queue, concurrency)
-                await stop.wait()
+                await _first_of(stop, lost_event)
                 stopping = True
-                with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT_S):
-                    try:
-                        await channel.basic_cancel(consumer_tag)
-                    except Exception as e:
-                        log.warning("basic_cancel on %s failed: %r", queue, e)
+                draining.set()
+                if not lost:
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT_S):
+                        try:
+                            await channel.basic_cancel(consumer_tag)
+                        except Exception as e:
+                            log.warning("basic_cancel on %s failed: %r", queue, e)
                 # Workers skip what is still buffered and leave once it is empty.
                 send.close()
                 workers.cancel_scope.deadline = anyio.current_time() + grace_s
@@ -224,12 +227,24 @@ async def _consume(
         await channel.close()
 
 
+async def _first_of(*events: anyio.Event) -> None:
+    """Return as soon as any of `events` is set."""
+    async with anyio.create_task_group() as tg:
+
+        async def wait(event: anyio.Event) -> None:
+            await event.wait()
+            tg.cancel_scope.cancel()
+
+        for event in events:
+            tg.start_soon(wait, event)
+
+
 async def _worker(
-    receive: MemoryObjectReceiveStream[Delivery], handler: Handler, stop: anyio.Event
+    receive: MemoryObjectReceiveStream[Delivery], handler: Handler, draining: anyio.Event
 ) -> None:
     async with receive:
         async for delivery in receive:
-            if stop.is_set():
+            if draining.is_set():
                 continue  # left unacked: redelivered once the channel closes
             await _handle(delivery, handler)
 
@@ -237,6 +252,17 @@ async def _worker(
 async def _handle(delivery: Delivery, handler: Handler) -> None:
     try:
         await handler(delivery)
+    except BrokerError as e:
+        # A broker failure (its channel gone, or a publish unconfirmed) is not the message's
+        # fault: requeue it rather than dead-letter it. If the channel is gone the broker
+        # redelivers it anyway, and the claim keeps a finished email from being sent again.
+        log.warning("message %s goes back to its queue: %s", delivery.message_id, e)
+        if not delivery.settled:
+            try:
+                await delivery.nack(requeue=True)
+            except BrokerError:
+                pass
+        return
     except Exception:
         log.exception("handler failed on message %s; dead-lettering it", delivery.message_id)
         if not delivery.settled:
