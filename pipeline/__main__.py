@@ -31,6 +31,8 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline import cli
+    from pipeline.bench import cli as bench_cli
+    from pipeline.webhooks.cli import add_webhook_commands
 
     parser = argparse.ArgumentParser(
         prog="mailpipe",
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--roles",
-        help="comma-separated subset of: sandbox, api, sender, retry, sweeper "
+        help="comma-separated subset of: sandbox, api, sender, retry, sweeper, webhooks "
         "(default: all; the sandbox only when smtp.host is empty)",
     )
     run.set_defaults(handler=_run)
@@ -59,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     migrate.set_defaults(handler=_migrate)
     cli.add_commands(commands)
+    bench_cli.add_command(commands)
+    add_webhook_commands(commands)
     return parser
 
 

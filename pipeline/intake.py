@@ -18,6 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from pipeline.amqp.publisher import ConfirmedPublisher
 from pipeline.amqp.topology import SEND
+from pipeline.batcher import Batcher, about_the_rows
 from pipeline.errors import IdempotencyInProgress, IdempotencyMismatch
 from pipeline.messages import encode_send
 from pipeline.resources import Deps
@@ -108,6 +109,92 @@ async def _insert(conn: queries.Conn, email: queries.NewEmail) -> Accepted:
     return Accepted(email.id, email.status, created_at, tuple(suppressed))
 
 
+GROUP_MAX_EMAILS = 256
+"""Most emails one group commit writes (a batch request of more goes alone)."""
+PUBLISH_GROUPS = 4
+"""Groups of publishes in flight at once (a confirm takes the broker's fsync): while they
+wait, the next group fills."""
+
+
+class GroupCommit:
+    """The API process's acceptance of requests without an Idempotency-Key, batched.
+
+    Two stages, each shared by whatever requests reach it together (pipeline.batcher):
+    concurrent requests' emails are inserted by one statement (one round trip, one commit,
+    one at a time: the next group fills meanwhile); then their queued ids are published with
+    the confirms awaited together and the confirmed ones marked by one UPDATE (a few groups
+    at once, as a confirm waits for the broker's disk). Each request is answered with its own
+    emails' outcome once both stages are done with it.
+
+    A request whose emails name a suppressed recipient is committed on its own in the same
+    flush (the one-by-one path that drops the recipient and records why); a request whose rows
+    the database refuses fails alone (the batcher splits the group until it is alone). Every
+    guarantee of `accept_all` holds: nothing is answered before its commit, and a publish the
+    broker does not confirm leaves the row unpublished for the sweeper.
+    """
+
+    def __init__(
+        self,
+        db: AsyncConnectionPool,
+        publisher: ConfirmedPublisher,
+        *,
+        max_emails: int = GROUP_MAX_EMAILS,
+        publish_groups: int = PUBLISH_GROUPS,
+    ) -> None:
+        self.db = db
+        self.publisher = publisher
+        self.batcher: Batcher[Sequence[queries.NewEmail], list[Accepted]] = Batcher(
+            self._commit, max_size=max_emails, size=len, splittable=about_the_rows,
+            max_concurrent=int(__import__("os").environ.get("XCOMMITS", "1")),
+        )
+        self.publishes: Batcher[Sequence[str], None] = Batcher(
+            self._publish, max_size=max_emails, max_concurrent=publish_groups, size=len
+        )
+
+    async def accept(self, emails: Sequence[queries.NewEmail]) -> list[Accepted]:
+        """Commit, publish and mark these emails (one request's) with whatever other requests
+        came meanwhile; what was accepted, once it is committed and published."""
+        if not emails:
+            return []
+        accepted = await self.batcher.submit(emails)
+        queued = [a.id for a in accepted if a.status == "queued"]
+        if queued:
+            await self.publishes.submit(queued)
+        return accepted
+
+    async def _commit(
+        self, requests: Sequence[Sequence[queries.NewEmail]]
+    ) -> list[list[Accepted] | Exception]:
+        groups = [
+            [(e, [canonical_address(a) for a in e.envelope_to]) for e in emails]
+            for emails in requests
+        ]
+        outcomes: list[list[Accepted] | Exception] = []
+        async with self.db.connection() as conn:
+            done = await queries.insert_emails_unless_suppressed(conn, groups)
+            for g, emails in enumerate(requests):
+                if g not in done.held:
+                    created = done.created
+                    outcomes.append([Accepted(e.id, e.status, created[e.id], ()) for e in emails])
+                    continue
+                try:  # committed already: never raise from here on (no retry of the others)
+                    async with conn.transaction():
+                        outcomes.append([await _insert(conn, e) for e in emails])
+                except Exception as exc:
+                    outcomes.append(exc)
+        return outcomes
+
+    async def _publish(self, requests: Sequence[Sequence[str]]) -> list[None]:
+        """Publish and mark; never fails a request (its rows are committed: whatever is not
+        confirmed and marked here, the sweeper publishes)."""
+        ids = [email_id for ids in requests for email_id in ids]
+        try:
+            await publish_ids(self.db, self.publisher, ids)
+        except Exception as exc:
+            log.warning("could not mark %d emails published (%s); the sweeper will", len(ids), exc)
+        return [None] * len(requests)
+
+
 async def accept_all(
     deps: Deps,
     publisher: ConfirmedPublisher,
@@ -116,6 +203,7 @@ async def accept_all(
     *,
     respond: Respond,
     idempotency: IdempotencyRequest | None = None,
+    group: GroupCommit | None = None,
 ) -> Outcome:
     """Commit every email in one transaction, then publish the queued ones together.
 
@@ -123,7 +211,14 @@ async def accept_all(
     with an idempotency key the answer is stored atomically with the emails: a repeat gets
     exactly the first answer and creates nothing. A repeat while the first is still in its
     transaction raises IdempotencyInProgress; with another body, IdempotencyMismatch.
+
+    Without an idempotency key, `group` (the process's GroupCommit) shares the commit, the
+    publishes and the marking with concurrent requests.
     """
+    if group is not None and idempotency is None:
+        accepted = await group.accept(emails)
+        code, body = respond(accepted)
+        return Outcome(code, body, replayed=False, accepted=tuple(accepted))
     async with deps.db.connection() as conn, conn.transaction():
         if idempotency is not None:
             if not await queries.lock_idempotency_key(conn, account_id, idempotency.key):

@@ -27,6 +27,7 @@ class ApiSettings:
     host: str
     port: int
     max_request_bytes: int
+    reuse_port: bool
 
 
 @dataclass(frozen=True, slots=True)

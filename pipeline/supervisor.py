@@ -42,6 +42,7 @@ def role_table() -> dict[str, Role]:
     from pipeline.roles.sandbox import run_sandbox
     from pipeline.roles.sender import run_sender
     from pipeline.roles.sweeper import run_sweeper
+    from pipeline.roles.webhooks import run_webhooks
 
     return {
         "sandbox": run_sandbox,
@@ -49,6 +50,7 @@ def role_table() -> dict[str, Role]:
         "sender": run_sender,
         "retry": run_retry,
         "sweeper": run_sweeper,
+        "webhooks": run_webhooks,
     }
 
 

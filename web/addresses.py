@@ -8,6 +8,7 @@ from email.headerregistry import Address
 from email_validator import EmailNotValidError, validate_email
 
 _FORBIDDEN = re.compile(r"[\r\n\x00]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # JSON's `"\ud800"`: not text, cannot be stored
 _NAMED = re.compile(r'^\s*(?:"((?:[^"\\]|\\.)*)"|([^"<>]*?))\s*<([^<>]+)>\s*$')
 
 
@@ -15,6 +16,8 @@ def check_address(value: str) -> str:
     """Normalise one address; ValueError with a message fit for the client when it is bad."""
     if _FORBIDDEN.search(value):
         raise ValueError("must not contain CR, LF or NUL")
+    if _SURROGATE.search(value):
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate)")
     match = _NAMED.match(value)
     if match:
         quoted, plain, addr = match.groups()

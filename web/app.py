@@ -11,7 +11,7 @@ from quart_schema import Info, QuartSchema
 
 from web import problems, ratelimit
 from web.metrics import ApiMetrics
-from web.routes import dead_letters, emails, health, suppressions
+from web.routes import dead_letters, emails, health, suppressions, webhooks
 from web.state import AppState
 
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
@@ -44,6 +44,11 @@ def create_app(app_state: AppState) -> Quart:
     app.register_blueprint(emails.bp)
     app.register_blueprint(suppressions.bp)
     app.register_blueprint(dead_letters.bp)
+    app.register_blueprint(webhooks.bp)
+    from pipeline.bench import hello
+
+    if hello.enabled():  # `mailpipe bench`'s ceiling: the same server, nothing but hello
+        app.register_blueprint(hello.bp)
 
     @app.before_request
     async def _start() -> None:

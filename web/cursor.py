@@ -19,9 +19,10 @@ def decode(cursor: str) -> tuple[datetime, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         stamp, row_id = json.loads(raw)
         when = datetime.fromisoformat(stamp)
-        if not isinstance(row_id, str) or when.tzinfo is None:
+        if not isinstance(row_id, str) or when.tzinfo is None or "\x00" in row_id:
             raise ValueError
-    except (ValueError, TypeError) as exc:
+        row_id.encode()  # a lone surrogate is no text PostgreSQL takes: UnicodeEncodeError
+    except (ValueError, TypeError, RecursionError) as exc:
         problem: Problem = validation_problem(
             [{"field": "after", "message": "not a cursor this API returned"}]
         )

@@ -9,6 +9,7 @@ from quart import current_app
 
 if TYPE_CHECKING:
     from pipeline.amqp.publisher import ConfirmedPublisher
+    from pipeline.intake import GroupCommit
     from pipeline.resources import Deps
 
 
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
 class AppState:
     deps: Deps
     publisher: ConfirmedPublisher
+    group_commit: GroupCommit | None = None
+    """Shares commits, publishes and marks between concurrent requests (None: one by one)."""
 
 
 def state() -> AppState:

@@ -15,9 +15,22 @@ from quart_schema.validation import (
     DataSource,
 )
 
-from web.problems import Problem, validation_errors, validation_problem
+from web.problems import Problem, field_path, validation_errors, validation_problem
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
+def loads(data: bytes | str) -> Any:
+    """Strict JSON: NaN and Infinity (which Python's json accepts and PostgreSQL's jsonb does
+    not) are refused; so is nesting too deep to parse."""
+    try:
+        return json.loads(data, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 async def json_body() -> Any:
@@ -26,7 +39,7 @@ async def json_body() -> Any:
     if not data:
         raise Problem(400, "the request body is empty; send a JSON object", slug="invalid-json")
     try:
-        return json.loads(data)
+        return loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise Problem(
             400, f"the request body is not valid JSON: {exc}", slug="invalid-json"
@@ -45,10 +58,16 @@ def parse(model: type[M], data: Any, *, prefix: tuple[str | int, ...] = ()) -> M
         if not errors:
             return parsed
     if prefix:
-        from web.problems import field_path
-
-        errors = [{**e, "field": field_path([*prefix]) + "." + e["field"]} for e in errors]
+        errors = [{**e, "field": _prefixed(prefix, e["field"])} for e in errors]
     raise validation_problem(errors)
+
+
+def _prefixed(prefix: tuple[str | int, ...], field: str) -> str:
+    """`emails[1]` + `to[0]` → `emails[1].to[0]`; the whole item (`body`) is `emails[1]`."""
+    head = field_path(list(prefix))
+    if field == "body":
+        return head
+    return head + ("" if field.startswith("[") else ".") + field
 
 
 def body(model: type[BaseModel]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

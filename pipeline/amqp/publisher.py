@@ -228,8 +228,81 @@ class ConfirmedPublisher:
         """Publish every item with all confirms awaited together; True where confirmed.
 
         Never raises for one item's failure (one warning sums up the batch), so a batch
-        caller can mark the confirmed ones and leave the rest to the outbox sweep.
+        caller can mark the confirmed ones and leave the rest to the outbox sweep. The batch
+        shares one link, one timeout and one watch on the channel (a task per item and a
+        scope per publish cost more than the publish itself); an id already in flight, or
+        twice in the batch, takes the one-by-one path.
         """
+        if not items:
+            return []
+        ids = [item[2] for item in items]
+        if len(set(ids)) < len(ids) or any(i in self._in_flight for i in ids):
+            return await self._publish_each(items)
+        results = [False] * len(items)
+        errors: list[BaseException] = []
+        done = anyio.Event()
+        for message_id in ids:
+            self._in_flight[message_id] = done
+        try:
+            with anyio.fail_after(self._timeout_s):
+                link = await self._ready_link()
+                with anyio.CancelScope() as lost:
+                    link.waiting.add(lost)
+                    try:
+                        if not link.usable:
+                            lost.cancel()
+                        sends = [
+                            self._send(
+                                link.channel, key, body, self._properties(message_id, headers)
+                            )
+                            for key, body, message_id, headers in items
+                        ]
+                        outcomes = await asyncio.gather(*sends, return_exceptions=True)
+                    finally:
+                        link.waiting.discard(lost)
+            if lost.cancelled_caught:
+                errors.append(PublishNotConfirmed("connection lost before the confirms"))
+            else:
+                for i, (outcome, message_id) in enumerate(zip(outcomes, ids, strict=True)):
+                    if isinstance(outcome, spec.Basic.Ack):
+                        results[i] = True
+                    elif isinstance(outcome, BrokerError):
+                        errors.append(outcome)
+                    else:  # a nack, or what a send that was cut short left
+                        errors.append(PublishNotConfirmed(f"publish {message_id} got {outcome!r}"))
+        except TimeoutError:
+            error = PublishNotConfirmed(
+                f"{len(items)} publishes not confirmed within {self._timeout_s:g} s"
+            )
+            self._broker_down(error)
+            errors.append(error)
+        except BrokerError as e:
+            errors.append(e)
+        finally:
+            for message_id in ids:
+                del self._in_flight[message_id]
+            done.set()
+        if errors:
+            log.warning(
+                "%d of %d publishes not confirmed; first: %s",
+                results.count(False),
+                len(items),
+                errors[0],
+            )
+        return results
+
+    def _properties(
+        self, message_id: str, headers: Mapping[str, Any] | None
+    ) -> spec.Basic.Properties:
+        return spec.Basic.Properties(
+            delivery_mode=2,
+            message_id=message_id,
+            content_type=self._content_type,
+            headers=dict(headers) if headers else None,
+        )
+
+    async def _publish_each(self, items: Sequence[PublishItem]) -> list[bool]:
+        """`publish_many` one publish (and task) per item."""
         results = [False] * len(items)
         errors: list[BrokerError] = []
 
@@ -268,12 +341,7 @@ class ConfirmedPublisher:
                 raise
             except BrokerError as e:
                 raise PublishNotConfirmed(f"publish {message_id}: {e}") from e
-            properties = spec.Basic.Properties(
-                delivery_mode=2,
-                message_id=message_id,
-                content_type=self._content_type,
-                headers=dict(headers) if headers else None,
-            )
+            properties = self._properties(message_id, headers)
             with anyio.CancelScope() as lost:
                 link.waiting.add(lost)
                 try:

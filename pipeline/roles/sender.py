@@ -9,8 +9,9 @@ publish is confirmed); an email whose attempts are exhausted becomes a dead lett
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC
 from functools import partial
 
@@ -22,6 +23,7 @@ from psycopg_pool import PoolTimeout
 from pipeline.amqp.consumer import Delivery, consume
 from pipeline.amqp.publisher import ConfirmedPublisher
 from pipeline.amqp.topology import RETRY
+from pipeline.batcher import Batcher, FlushTimeout, about_the_rows
 from pipeline.errors import DeliveryError, Permanent, PublishNotConfirmed
 from pipeline.mail.classify import (
     RecipientsDeferred,
@@ -49,6 +51,11 @@ DB_ERROR_PAUSE_S = 2.0
 DB_SHIELD_S = 10.0
 """Longest a claim, a `sent` commit or a claim's release holds off a cancellation (a lost
 broker connection cancels the handlers): none of them may be cut in two."""
+BATCH_MAX = 64
+BATCH_LINGER_S = 0.010
+"""Claims and `sent` commits of concurrent handlers share one statement, of at most this many
+emails; while one runs the next fills, and under load it waits up to this long for more
+(pipeline.batcher). A lone email never waits."""
 ATTEMPT_HEADER = "x-mailpipe-attempt"
 WAIT_HEADER = "x-mailpipe-wait-s"
 
@@ -103,6 +110,34 @@ class Sender:
         )
         self.lease_s = deps.settings.sweeper.lease_s
         self.signers = load_signers(deps.settings.dkim)
+        self.claims: Batcher[str, queries.Claimed | None] = Batcher(
+            self._claim,
+            max_size=BATCH_MAX,
+            max_wait_s=BATCH_LINGER_S,
+            splittable=about_the_rows,
+            flush_timeout_s=DB_SHIELD_S,
+        )
+        self.marks: Batcher[queries.Sent, bool] = Batcher(
+            self._mark_sent,
+            max_size=BATCH_MAX,
+            max_wait_s=BATCH_LINGER_S,
+            splittable=about_the_rows,
+            flush_timeout_s=DB_SHIELD_S,
+        )
+
+    async def _claim(self, email_ids: Sequence[str]) -> list[queries.Claimed | None]:
+        """One conditional claim for many emails. An id twice in a batch (a redelivered copy
+        in flight with its original) gets its row once: the other copy is redundant."""
+        async with self.deps.db.connection() as conn:
+            rows = {
+                c.id: c for c in await queries.claim_many(conn, email_ids, lease_s=self.lease_s)
+            }
+        return [rows.pop(i, None) for i in email_ids]
+
+    async def _mark_sent(self, sent: Sequence[queries.Sent]) -> list[bool]:
+        async with self.deps.db.connection() as conn:
+            done = await queries.mark_sent_many(conn, sorted(sent, key=lambda s: s.email_id))
+        return [s.email_id in done for s in sent]
 
     def render(self, claimed: queries.Claimed) -> bytes:
         """The message as every attempt sends it: MIME, then the DKIM signature if the sender's
@@ -130,11 +165,14 @@ class Sender:
             await delivery.reject(requeue=False)  # the send queue dead-letters it
             return
         # Shielded: cancelled between its commit and its answer, a claim would sit unknown to
-        # anyone until its lease runs out.
+        # anyone until its lease runs out. Concurrent handlers' claims share one statement.
+        claimed: queries.Claimed | None = None
         with anyio.move_on_after(DB_SHIELD_S, shield=True) as claiming:
-            async with self.deps.db.connection() as conn:
-                claimed = await queries.claim_for_send(conn, email_id, lease_s=self.lease_s)
-        if claiming.cancelled_caught:  # the database is too slow; if it was claimed, the lease
+            try:
+                claimed = await self.claims.submit(email_id)
+            except FlushTimeout:
+                claiming.cancel()
+        if claiming.cancel_called:  # the database is too slow; if it was claimed, the lease
             await delivery.nack(requeue=True)  # brings it back
             return
         if claimed is None:
@@ -162,16 +200,21 @@ class Sender:
         refused = {addr: r.to_json() for addr, r in reply.refused.items()}
         # After the relay's 250 only this commit stands between the email and a second send:
         # a cancellation (lost broker connection) must not interrupt it.
+        # Concurrent handlers' `sent` commits share one statement (not with refused recipients).
         with anyio.move_on_after(DB_SHIELD_S, shield=True):
-            async with self.deps.db.connection() as conn:
-                await queries.mark_sent(
-                    conn,
-                    claimed.id,
-                    reply=reply.to_json(),
-                    raw=fresh_raw,
-                    refused=refused,
-                    suppress=refused_to_suppress(reply.refused),
-                )
+            if refused:
+                async with self.deps.db.connection() as conn:
+                    await queries.mark_sent(
+                        conn,
+                        claimed.id,
+                        reply=reply.to_json(),
+                        raw=fresh_raw,
+                        refused=refused,
+                        suppress=refused_to_suppress(reply.refused),
+                    )
+            else:
+                with contextlib.suppress(FlushTimeout):  # as when the shield's time runs out
+                    await self.marks.submit(queries.Sent(claimed.id, reply.to_json(), fresh_raw))
         await delivery.ack()
 
     async def release(self, email_id: str) -> None:
@@ -280,3 +323,12 @@ async def run_sender(
                     )
                 )
             task_status.started()
+        for what, batcher in (("claims", sender.claims), ("sent commits", sender.marks)):
+            if batcher.items:
+                log.info(
+                    "%s: %d in %d statements (%.1f a statement)",
+                    what,
+                    batcher.items,
+                    batcher.batches,
+                    batcher.items / max(batcher.batches, 1),
+                )

@@ -257,6 +257,86 @@ async def insert_email(
     return created_at
 
 
+@dataclass(frozen=True)
+class GroupInsert:
+    """What `insert_emails_unless_suppressed` did: created_at of each inserted email by id,
+    and the groups it left out because one of their emails names a suppressed recipient."""
+
+    created: dict[str, datetime]
+    held: set[int]
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+async def insert_emails_unless_suppressed(
+    conn: Conn, groups: Sequence[Sequence[tuple[NewEmail, Sequence[str]]]]
+) -> GroupInsert:
+    """Insert many emails and their first event (`email.<status>`) in one statement, so in
+    autocommit mode in one round trip and one commit: the group commit of concurrent requests.
+
+    Each group is one request's emails, as (email, canonical envelope addresses). A group
+    with a recipient on its account's suppression list is left out whole (the caller takes
+    the one-by-one path for it, which drops the recipient and records why); the others are
+    inserted. One statement: all of it or nothing of it.
+    """
+    rows = [
+        {
+            "g": g,
+            "n": n,
+            "id": email.id,
+            "account_id": email.account_id,
+            "status": email.status,
+            "from_email": email.from_email,
+            "to_addrs": list(email.to),
+            "cc_addrs": list(email.cc),
+            "bcc_addrs": list(email.bcc),
+            "reply_to": list(email.reply_to),
+            "envelope_to": list(email.envelope_to),
+            "subject": email.subject,
+            "content": dict(email.content),
+            "message_id": email.message_id,
+            "tags": dict(email.tags),
+            "metadata": email.metadata,
+            "scheduled_at": _iso(email.scheduled_at),
+            "recipients": list(email.recipients),
+            "canon": list(canonical),
+        }
+        for g, group in enumerate(groups)
+        for n, (email, canonical) in enumerate(group)
+    ]
+    cur = await conn.execute(
+        "WITH input AS (SELECT * FROM jsonb_to_recordset(%(rows)s) AS x(g int, n int, id text,"
+        " account_id text, status text, from_email text, to_addrs text[], cc_addrs text[],"
+        " bcc_addrs text[], reply_to text[], envelope_to text[], subject text, content jsonb,"
+        " message_id text, tags jsonb, metadata jsonb, scheduled_at timestamptz,"
+        " recipients text[], canon text[])),"
+        " held AS (SELECT DISTINCT i.g FROM input i JOIN suppressions s"
+        " ON s.account_id = i.account_id AND s.email = ANY(i.canon)),"
+        " e AS (INSERT INTO emails (id, account_id, status, from_email, to_addrs, cc_addrs,"
+        " bcc_addrs, reply_to, envelope_to, subject, content, message_id, tags, metadata,"
+        " scheduled_at, recipients)"
+        " SELECT id, account_id, status, from_email, to_addrs, cc_addrs, bcc_addrs, reply_to,"
+        " envelope_to, subject, content, message_id, tags, metadata, scheduled_at, recipients"
+        " FROM input WHERE g NOT IN (SELECT g FROM held) ORDER BY g, n"
+        " RETURNING id, account_id, status, created_at),"
+        " ev AS (INSERT INTO events (email_id, account_id, type, data)"
+        " SELECT e.id, e.account_id, 'email.' || e.status, '{}'::jsonb"
+        " FROM e JOIN input i USING (id) ORDER BY i.g, i.n)"
+        " SELECT id, created_at, NULL::int FROM e UNION ALL SELECT NULL, NULL, g FROM held",
+        {"rows": Jsonb(rows)},
+    )
+    created: dict[str, datetime] = {}
+    held: set[int] = set()
+    for email_id, created_at, group in await cur.fetchall():
+        if group is None:
+            created[email_id] = created_at
+        else:
+            held.add(group)
+    return GroupInsert(created, held)
+
+
 async def mark_published(conn: Conn, email_ids: Sequence[str]) -> None:
     """The broker confirmed these: the sweeper need not republish them."""
     await conn.execute(
@@ -452,6 +532,65 @@ async def claim_for_send(conn: Conn, email_id: str, *, lease_s: float) -> Claime
             {"id": email_id, "lease_s": lease_s},
         )
         return await cur.fetchone()
+
+
+_CLAIMED_COLUMNS = (
+    "id, account_id, from_email, to_addrs, cc_addrs, bcc_addrs, reply_to, envelope_to, subject,"
+    " content, raw, message_id, attempts, created_at"
+)
+
+
+async def claim_many(conn: Conn, email_ids: Sequence[str], *, lease_s: float) -> list[Claimed]:
+    """`claim_for_send` for many emails in one statement (one round trip, one commit); the
+    ones claimed now, in no particular order. Each row's condition is checked on its own, so
+    an email someone else has, or a finished one, is simply not among them."""
+    async with conn.cursor(row_factory=class_row(Claimed)) as cur:
+        await cur.execute(
+            "WITH c AS (UPDATE emails SET status = 'sending', attempts = attempts + 1,"
+            " lease_until = now() + make_interval(secs => %(lease_s)s),"
+            " updated_at = clock_timestamp()"
+            " WHERE id = ANY(%(ids)s) AND status IN ('queued', 'deferred')"
+            f" RETURNING {_CLAIMED_COLUMNS}),"
+            " ev AS ("
+            + _event_insert("'email.sending'", "jsonb_build_object('attempt', attempts)", "c")
+            + ") SELECT * FROM c",
+            {"ids": sorted(set(email_ids)), "lease_s": lease_s},
+        )
+        return await cur.fetchall()
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One relay 250 to record with `mark_sent_many` (no refused recipient, nothing to
+    suppress: those take `mark_sent`)."""
+
+    email_id: str
+    reply: Mapping[str, Any]
+    raw: bytes | None
+
+
+async def mark_sent_many(conn: Conn, sent: Sequence[Sent]) -> set[str]:
+    """`mark_sent` for many emails in one statement (one round trip, one commit); the ids
+    that were `sending` and are `sent` now."""
+    cur = await conn.execute(
+        "WITH input AS (SELECT * FROM unnest(%(ids)s::text[], %(replies)s::jsonb[],"
+        " %(raws)s::bytea[]) AS u(id, reply, raw)),"
+        " s AS (UPDATE emails e SET status = 'sent', sent_at = clock_timestamp(),"
+        " updated_at = clock_timestamp(), last_response = i.reply, lease_until = NULL,"
+        " raw = coalesce(e.raw, i.raw) FROM input i WHERE e.id = i.id AND e.status = 'sending'"
+        " RETURNING e.id, e.account_id, e.attempts, i.reply),"
+        " ev AS ("
+        + _event_insert(
+            "'email.sent'", "jsonb_build_object('response', reply, 'attempt', attempts)", "s"
+        )
+        + ") SELECT id FROM s",
+        {
+            "ids": [s.email_id for s in sent],
+            "replies": [Jsonb(dict(s.reply)) for s in sent],
+            "raws": [s.raw for s in sent],
+        },
+    )
+    return {row[0] for row in await cur.fetchall()}
 
 
 def _suppress_insert(source: str) -> str:
@@ -871,3 +1010,270 @@ async def insert_dead_message(
     assert row is not None
     dead_id: int = row[0]
     return dead_id
+
+
+# ---- webhooks
+
+
+@dataclass(frozen=True)
+class Webhook:
+    id: str
+    account_id: str
+    url: str
+    events: list[str]
+    enabled: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class WebhookDelivery:
+    id: str
+    event_id: str
+    event_type: str
+    attempt: int
+    status_code: int | None
+    error: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class FanoutPosition:
+    """Where the fan-out stands in `events`: (inserting transaction's id, seq), in that order."""
+
+    xid: int
+    seq: int
+
+
+@dataclass(frozen=True)
+class FanoutRow:
+    """One event read by the fan-out, with one matching endpoint (None: no endpoint matches)."""
+
+    position: FanoutPosition
+    event_id: str
+    event_type: str
+    webhook_id: str | None
+
+
+@dataclass(frozen=True)
+class DeliveryTarget:
+    """What one delivery attempt needs: the endpoint as it is now and the event."""
+
+    webhook_id: str
+    url: str
+    secret: str
+    enabled: bool
+    event_id: str
+    event_type: str
+    email_id: str
+    data: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class AttemptRecorded:
+    """The endpoint after an attempt was recorded; `disabled_now` when this attempt disabled it."""
+
+    enabled: bool
+    disabled_now: bool
+    disabled_reason: str | None
+
+
+_WEBHOOK_COLUMNS = "id, account_id, url, events, enabled, created_at"
+_WEBHOOK_DELIVERY_COLUMNS = "id, event_id, event_type, attempt, status_code, error, created_at"
+
+# Events whose inserting transaction is below this have all committed or aborted (for this
+# database): the snapshot's oldest running transaction, except those known to run in another
+# database of the cluster (they cannot write our events; an unknown one counts as ours).
+_FANOUT_HORIZON = (
+    "WITH snap AS MATERIALIZED (SELECT pg_current_snapshot() AS s),"
+    " elsewhere AS MATERIALIZED (SELECT backend_xid AS x FROM pg_stat_activity"
+    " WHERE backend_xid IS NOT NULL AND datid IS NOT NULL"
+    " AND datid <> (SELECT oid FROM pg_database WHERE datname = current_database())),"
+    " horizon AS MATERIALIZED (SELECT coalesce(min(x), (SELECT pg_snapshot_xmax(s) FROM snap))"
+    " AS h FROM snap, pg_snapshot_xip(snap.s) AS x WHERE x::xid NOT IN (SELECT x FROM elsewhere))"
+)
+
+
+async def create_webhook(
+    conn: Conn,
+    account_id: str,
+    *,
+    url: str,
+    events: Sequence[str],
+    enabled: bool,
+    secret: str,
+) -> Webhook:
+    async with conn.cursor(row_factory=class_row(Webhook)) as cur:
+        await cur.execute(
+            "INSERT INTO webhooks (id, account_id, url, events, enabled, secret)"
+            f" VALUES (%s, %s, %s, %s, %s, %s) RETURNING {_WEBHOOK_COLUMNS}",
+            (new_id("wh"), account_id, url, list(events), enabled, secret),
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return row
+
+
+async def list_webhooks(
+    conn: Conn, account_id: str, *, limit: int, before: tuple[datetime, str] | None
+) -> list[Webhook]:
+    """Newest first; keyset pagination on (created_at, id)."""
+    where, params = "account_id = %s", list[Any]([account_id])
+    if before is not None:
+        where += " AND (created_at, id) < (%s, %s)"
+        params += [before[0], before[1]]
+    async with conn.cursor(row_factory=class_row(Webhook)) as cur:
+        await cur.execute(
+            f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE {where}"
+            " ORDER BY created_at DESC, id DESC LIMIT %s",
+            [*params, limit],
+        )
+        return await cur.fetchall()
+
+
+async def webhook_exists(conn: Conn, account_id: str, webhook_id: str) -> bool:
+    cur = await conn.execute(
+        "SELECT 1 FROM webhooks WHERE account_id = %s AND id = %s", (account_id, webhook_id)
+    )
+    return await cur.fetchone() is not None
+
+
+async def delete_webhook(conn: Conn, account_id: str, webhook_id: str) -> bool:
+    """True when the account had that endpoint (its recorded deliveries go with it)."""
+    cur = await conn.execute(
+        "DELETE FROM webhooks WHERE account_id = %s AND id = %s", (account_id, webhook_id)
+    )
+    return cur.rowcount == 1
+
+
+async def list_webhook_deliveries(
+    conn: Conn,
+    account_id: str,
+    webhook_id: str,
+    *,
+    limit: int,
+    before: tuple[datetime, str] | None,
+) -> list[WebhookDelivery]:
+    """An endpoint's recorded attempts, newest first; keyset pagination on (created_at, id)."""
+    where = "d.webhook_id = %s AND w.account_id = %s"
+    params = list[Any]([webhook_id, account_id])
+    if before is not None:
+        where += " AND (d.created_at, d.id) < (%s, %s)"
+        params += [before[0], before[1]]
+    columns = ", ".join("d." + c.strip() for c in _WEBHOOK_DELIVERY_COLUMNS.split(","))
+    async with conn.cursor(row_factory=class_row(WebhookDelivery)) as cur:
+        await cur.execute(
+            f"SELECT {columns} FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id"
+            f" WHERE {where} ORDER BY d.created_at DESC, d.id DESC LIMIT %s",
+            [*params, limit],
+        )
+        return await cur.fetchall()
+
+
+async def webhook_events_pending(conn: Conn) -> bool:
+    """Whether events past the fan-out cursor are ready to fan out (no lock taken)."""
+    cur = await conn.execute(
+        _FANOUT_HORIZON + " SELECT EXISTS (SELECT 1 FROM events e, webhook_cursor c"
+        " WHERE (e.xid, e.seq) > (c.xid, c.seq) AND e.xid < (SELECT h FROM horizon))"
+    )
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
+async def lock_fanout_cursor(conn: Conn) -> FanoutPosition | None:
+    """Lock the cursor for this transaction; None when another fan-out holds it right now."""
+    cur = await conn.execute(
+        "SELECT xid::text::bigint, seq FROM webhook_cursor FOR UPDATE SKIP LOCKED"
+    )
+    row = await cur.fetchone()
+    return None if row is None else FanoutPosition(row[0], row[1])
+
+
+async def fanout_batch(conn: Conn, after: FanoutPosition, *, limit: int) -> list[FanoutRow]:
+    """Up to `limit` events past `after` in fan-out order, each once per enabled endpoint of its
+    account subscribed to its type (or once with no endpoint)."""
+    cur = await conn.execute(
+        _FANOUT_HORIZON + ", batch AS (SELECT xid, seq, id, account_id, type FROM events"
+        " WHERE (xid, seq) > (%(xid)s::text::xid8, %(seq)s)"
+        " AND xid < (SELECT h FROM horizon) ORDER BY xid, seq LIMIT %(limit)s)"
+        " SELECT b.xid::text::bigint, b.seq, b.id, b.type, w.id FROM batch b"
+        " LEFT JOIN webhooks w ON w.account_id = b.account_id AND w.enabled"
+        " AND b.type = ANY (w.events)"
+        " ORDER BY b.xid, b.seq, w.id",
+        {"xid": after.xid, "seq": after.seq, "limit": limit},
+    )
+    return [
+        FanoutRow(FanoutPosition(xid, seq), event_id, event_type, webhook_id)
+        for xid, seq, event_id, event_type, webhook_id in await cur.fetchall()
+    ]
+
+
+async def move_fanout_cursor(conn: Conn, to: FanoutPosition) -> None:
+    await conn.execute("UPDATE webhook_cursor SET xid = %s::text::xid8, seq = %s", (to.xid, to.seq))
+
+
+async def delivery_target(conn: Conn, webhook_id: str, event_id: str) -> DeliveryTarget | None:
+    """The endpoint and the event of one delivery; None when either is gone."""
+    async with conn.cursor(row_factory=class_row(DeliveryTarget)) as cur:
+        await cur.execute(
+            "SELECT w.id AS webhook_id, w.url, w.secret, w.enabled, e.id AS event_id,"
+            " e.type AS event_type, e.email_id, e.data, e.created_at"
+            " FROM webhooks w JOIN events e ON e.account_id = w.account_id AND e.id = %s"
+            " WHERE w.id = %s",
+            (event_id, webhook_id),
+        )
+        return await cur.fetchone()
+
+
+async def record_webhook_attempt(
+    conn: Conn,
+    *,
+    webhook_id: str,
+    event_id: str,
+    event_type: str,
+    attempt: int,
+    status_code: int | None,
+    error: str | None,
+    ok: bool,
+    gone: bool,
+    disable_after_s: float,
+) -> AttemptRecorded | None:
+    """Record one attempt and its effect on the endpoint, in one statement: a success clears
+    its failing streak; a failure starts one; a 410 (`gone`), or a failure `disable_after_s`
+    into a streak, disables it. None when the endpoint was deleted meanwhile."""
+    streak_over = (
+        "(NOT %(ok)s AND failing_since IS NOT NULL"
+        " AND failing_since <= clock_timestamp() - make_interval(secs => %(after)s))"
+    )
+    disable = f"(enabled AND (%(gone)s OR {streak_over}))"
+    cur = await conn.execute(
+        "WITH d AS (INSERT INTO webhook_deliveries (id, webhook_id, event_id, event_type,"
+        " attempt, status_code, error) SELECT %(id)s, id, %(event_id)s, %(event_type)s,"
+        " %(attempt)s, %(status)s, %(error)s FROM webhooks WHERE id = %(webhook)s)"
+        " UPDATE webhooks SET"
+        " failing_since = CASE WHEN %(ok)s THEN NULL"
+        " ELSE coalesce(failing_since, clock_timestamp()) END,"
+        f" disabled_at = CASE WHEN {disable} THEN now() ELSE disabled_at END,"
+        f" disabled_reason = CASE WHEN {disable} THEN"
+        " (CASE WHEN %(gone)s THEN 'the endpoint answered 410 Gone'"
+        " ELSE %(failing_reason)s END) ELSE disabled_reason END,"
+        f" enabled = enabled AND NOT {disable}"
+        " WHERE id = %(webhook)s"
+        " RETURNING enabled, (NOT enabled AND disabled_at = now()) AS disabled_now,"
+        " disabled_reason",
+        {
+            "id": new_id("whd"),
+            "webhook": webhook_id,
+            "event_id": event_id,
+            "event_type": event_type,
+            "attempt": attempt,
+            "status": status_code,
+            "error": error,
+            "ok": ok,
+            "gone": gone,
+            "after": disable_after_s,
+            "failing_reason": f"every attempt failed for {disable_after_s / 3600:g} h",
+        },
+    )
+    row = await cur.fetchone()
+    return None if row is None else AttemptRecorded(row[0], bool(row[1]), row[2])

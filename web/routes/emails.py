@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 from quart import Blueprint, Response, request
-from quart_schema import document_request, document_response, validate_response
+from quart_schema import (
+    document_headers,
+    document_request,
+    document_response,
+    validate_response,
+)
 
 from pipeline import intake
 from pipeline.errors import IdempotencyError
@@ -29,6 +35,7 @@ from web.schemas import (
     EmailList,
     EmailListQuery,
     EventList,
+    IdempotencyHeaders,
     ProblemDetails,
     SendEmail,
 )
@@ -41,6 +48,19 @@ bp = Blueprint("emails", __name__)
 
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _no_email(email_id: str) -> Problem:
+    return Problem(404, f"no email {email_id!r}")
+
+
+def _checked_id(email_id: str) -> str:
+    """An id from the path; one that no email could have (NUL, odd Unicode) is a 404 like any
+    other unknown id, without a query (PostgreSQL would refuse the NUL with an error)."""
+    if not _ID.fullmatch(email_id):
+        raise _no_email(email_id)
+    return email_id
 
 
 def _envelope(data: SendEmail) -> list[str]:
@@ -75,7 +95,9 @@ def new_email(account_id: str, data: SendEmail) -> queries.NewEmail:
         tags=data.tags,
         metadata=data.metadata,
         scheduled_at=data.scheduled_at,
-        recipients=[canonical_address(a) for a in dict.fromkeys([*data.to, *data.cc, *data.bcc])],
+        recipients=list(
+            dict.fromkeys(canonical_address(bare(a)) for a in [*data.to, *data.cc, *data.bcc])
+        ),
     )
 
 
@@ -104,6 +126,7 @@ async def accept(emails: list[queries.NewEmail], respond: intake.Respond) -> Res
             emails,
             respond=respond,
             idempotency=await idempotency_request(),
+            group=st.group_commit,
         )
     except IdempotencyError as exc:
         raise Problem(409, str(exc), slug="idempotency-conflict") from None
@@ -122,7 +145,9 @@ def accepted_json(item: intake.Accepted) -> dict[str, Any]:
 @bp.post("/v1/emails")
 @document_response(EmailAccepted, 202)
 @document_response(ProblemDetails, 409)
+@document_response(ProblemDetails, 413)
 @document_response(ProblemDetails, 422)
+@document_headers(IdempotencyHeaders)
 @require("send")
 @body(SendEmail)
 async def send_email(data: SendEmail) -> Response:
@@ -139,7 +164,9 @@ async def send_email(data: SendEmail) -> Response:
 @document_request(BatchRequest)
 @document_response(BatchResult, 202)
 @document_response(ProblemDetails, 409)
+@document_response(ProblemDetails, 413)
 @document_response(ProblemDetails, 422)
+@document_headers(IdempotencyHeaders)
 @require("send", cost=None)
 async def send_batch() -> Response:
     """Accept up to 100 emails, each validated on its own; results in request order.
@@ -177,18 +204,21 @@ async def send_batch() -> Response:
 
 @bp.get("/v1/emails/<email_id>")
 @validate_response(Email)
+@document_response(ProblemDetails, 404)
 @require("read")
 async def get_email(email_id: str) -> Email:
     """One email with its status, attempts and last SMTP reply."""
+    _checked_id(email_id)
     async with state().deps.db.connection() as conn:
         row = await queries.get_email(conn, caller().account_id, email_id)
     if row is None:
-        raise Problem(404, f"no email {email_id!r}")
+        raise _no_email(email_id)
     return Email.model_validate(row)
 
 
 @bp.get("/v1/emails")
 @validate_response(EmailList)
+@document_response(ProblemDetails, 422)
 @require("read")
 @query(EmailListQuery)
 async def list_emails(query_args: EmailListQuery) -> EmailList:
@@ -197,7 +227,7 @@ async def list_emails(query_args: EmailListQuery) -> EmailList:
     before = cursor.decode(query_args.after) if query_args.after else None
     where = queries.EmailFilter(
         status=query_args.status,
-        recipient=canonical_address(query_args.to) if query_args.to else None,
+        recipient=canonical_address(bare(query_args.to)) if query_args.to else None,
         tag=query_args.tag_pair(),
         since=query_args.since,
         until=query_args.until,
@@ -216,29 +246,33 @@ async def list_emails(query_args: EmailListQuery) -> EmailList:
 
 @bp.get("/v1/emails/<email_id>/events")
 @validate_response(EventList)
+@document_response(ProblemDetails, 404)
 @require("read")
 async def list_events(email_id: str) -> EventList | Any:
     """The email's timeline, oldest first."""
     account_id = caller().account_id
+    _checked_id(email_id)
     async with state().deps.db.connection() as conn:
         if await queries.get_email(conn, account_id, email_id) is None:
-            raise Problem(404, f"no email {email_id!r}")
+            raise _no_email(email_id)
         rows = await queries.list_events(conn, account_id, email_id)
     return EventList.model_validate({"data": rows})
 
 
 @bp.post("/v1/emails/<email_id>/cancel")
 @validate_response(Email)
-@validate_response(ProblemDetails, 409)
+@document_response(ProblemDetails, 404)
+@document_response(ProblemDetails, 409)
 @require("send", cost=0)
 async def cancel_email(email_id: str) -> Email:
     """Cancel a `scheduled` or `queued` email: 200 with the email; 409 once sending started."""
     account_id = caller().account_id
+    _checked_id(email_id)
     async with state().deps.db.connection() as conn:
         async with conn.transaction():
             found = await queries.cancel_email(conn, account_id, email_id)
         if found is None:
-            raise Problem(404, f"no email {email_id!r}")
+            raise _no_email(email_id)
         if found != "canceled":
             raise Problem(
                 409,
