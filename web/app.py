@@ -55,6 +55,8 @@ def create_app(app_state: AppState) -> Quart:
         given = request.headers.get("X-Request-Id", "")
         g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         g.started = time.perf_counter()
+        if "\x00" in request.path:  # no id of ours holds a NUL; PostgreSQL text cannot either
+            raise problems.Problem(404, "no such resource")
 
     @app.after_request
     async def _finish(response: Response) -> Response:
