@@ -111,6 +111,8 @@ async def _insert(conn: queries.Conn, email: queries.NewEmail) -> Accepted:
 
 GROUP_MAX_EMAILS = 256
 """Most emails one group commit writes (a batch request of more goes alone)."""
+COMMIT_GROUPS = 2
+"""Group inserts in flight at once: while they run, the next group fills."""
 PUBLISH_GROUPS = 4
 """Groups of publishes in flight at once (a confirm takes the broker's fsync): while they
 wait, the next group fills."""
@@ -120,8 +122,8 @@ class GroupCommit:
     """The API process's acceptance of requests without an Idempotency-Key, batched.
 
     Two stages, each shared by whatever requests reach it together (pipeline.batcher):
-    concurrent requests' emails are inserted by one statement (one round trip, one commit,
-    one at a time: the next group fills meanwhile); then their queued ids are published with
+    concurrent requests' emails are inserted by one statement (one round trip, one commit;
+    the next group fills meanwhile); then their queued ids are published with
     the confirms awaited together and the confirmed ones marked by one UPDATE (a few groups
     at once, as a confirm waits for the broker's disk). Each request is answered with its own
     emails' outcome once both stages are done with it.
@@ -144,8 +146,11 @@ class GroupCommit:
         self.db = db
         self.publisher = publisher
         self.batcher: Batcher[Sequence[queries.NewEmail], list[Accepted]] = Batcher(
-            self._commit, max_size=max_emails, size=len, splittable=about_the_rows,
-            max_concurrent=int(__import__("os").environ.get("XCOMMITS", "1")),
+            self._commit,
+            max_size=max_emails,
+            max_concurrent=COMMIT_GROUPS,
+            size=len,
+            splittable=about_the_rows,
         )
         self.publishes: Batcher[Sequence[str], None] = Batcher(
             self._publish, max_size=max_emails, max_concurrent=publish_groups, size=len

@@ -11,6 +11,7 @@ suppressing; 4xx never suppress. Pure functions, tested without I/O.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 
 from email_validator import EmailNotValidError, validate_email
@@ -27,11 +28,21 @@ __all__ = [
 ]
 
 
+_PLAIN_ASCII = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+")
+"""An unquoted ASCII address: validated or not, its canonical form is itself lower-cased."""
+
+
 def canonical_address(address: str) -> str:
     """The form a suppression is stored and looked up in (`User@Bücher.example` and
     `user@xn--bcher-kva.example` are the same entry). Something that is not an address at all
-    is only trimmed and lower-cased: it can never match, but it is not an error here."""
+    is only trimmed and lower-cased: it can never match, but it is not an error here.
+
+    A plain ASCII address without an IDNA label skips the validator (it runs on every
+    recipient of every accepted email): valid, it normalizes to itself with a lower-case
+    domain; invalid, it is lower-cased as it is. Lower-cased whole, both are `text.lower()`."""
     text = address.strip()
+    if _PLAIN_ASCII.fullmatch(text) and "xn--" not in text.lower():
+        return text.lower()
     try:
         valid = validate_email(text, check_deliverability=False, allow_smtputf8=True)
     except EmailNotValidError:

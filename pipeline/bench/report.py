@@ -95,7 +95,7 @@ def table(report: Report) -> str:
     ]
     for group in s["processes"]:
         lines.append(f"  {group['count']} x {group['what']}: {group['command']}")
-    widths = [26, 11, 9, 9, 8, 12, 12]
+    widths = [26, 11, 11, 11, 8, 12, 12]
     if report.ingest is not None:
         ing = report.ingest
         lines += [

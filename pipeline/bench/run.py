@@ -524,6 +524,13 @@ class Bench:
             merged = merge_runs(runs[phase])
             self.cpu_by_phase[phase] = mean_shares(shares[phase])
             merged["server_cpu"] = self.cpu_by_phase[phase].get("api")
+            api = merged["server_cpu"]
+            self.flag_busy(
+                phase,
+                "the API" if o.processes == 1 else "each API process",
+                None if api is None else api / o.processes,
+                "it is the bottleneck",
+            )
             merged["rounds"] = [round(x["rate"], 1) for x in runs[phase]]
             out[name] = merged
             self.flag_busy(
@@ -649,7 +656,13 @@ class Bench:
         self.cpu_by_phase["delivery"] = shares
         pipeline["server_cpu"] = shares.get("sender")
         pipeline["sender_peak_rss_mb"] = round(peak_rss / 2**20, 1) if peak_rss else None
-        self.flag_busy("delivery", "the sender", shares.get("sender"), "it is the bottleneck")
+        sender = shares.get("sender")
+        self.flag_busy(
+            "delivery",
+            "the sender" if o.processes == 1 else "each sender",
+            None if sender is None else sender / o.processes,
+            "it is the bottleneck",
+        )
         self.flag_busy("delivery", "the SMTP sink", shares.get("sink"), "it may be the bottleneck")
         return pipeline
 

@@ -63,6 +63,9 @@ _RESERVED = frozenset({"from", "to", "cc", "bcc", "subject", "date", "message-id
 
 _MAX_LINE = 78  # RFC 5322 2.1.1: SHOULD
 _HARD_LINE = 998  # RFC 5322 2.1.1: MUST
+# dot-atom@dot-atom (RFC 5322 3.4.1): an addr-spec the header parser keeps exactly as it is.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM_ADDRESS = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@{_ATEXT}(?:\.{_ATEXT})*")
 # Display names holding one of these go in a quoted-string.
 _SPECIALS = re.compile(r'[][\\()<>@,:;".]')
 # Client headers whose values are address lists.
@@ -325,7 +328,9 @@ def _fold_addresses(header: str, field_name: str, pairs: Iterable[tuple[str, str
     items: list[str] = []
     for name, addr in pairs:
         try:
-            spec = Address(addr_spec=_ascii_address(addr)).addr_spec
+            spec = _ascii_address(addr)
+            if not _DOT_ATOM_ADDRESS.fullmatch(spec):  # the parser only to quote or refuse
+                spec = Address(addr_spec=spec).addr_spec
         except (MessageError, IndexError, ValueError) as exc:
             raise ValueError(f"{field_name}: {addr!r} is not a valid address") from exc
         name = " ".join(name.translate(_SANITIZE).split())

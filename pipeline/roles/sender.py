@@ -54,8 +54,9 @@ broker connection cancels the handlers): none of them may be cut in two."""
 BATCH_MAX = 64
 BATCH_LINGER_S = 0.010
 """Claims and `sent` commits of concurrent handlers share one statement, of at most this many
-emails; while one runs the next fills, and under load it waits up to this long for more
-(pipeline.batcher). A lone email never waits."""
+emails (and at most half of the process's messages in flight, so that a batch that has them
+goes at once); while one runs the next fills, and under load it waits up to this long for
+more (pipeline.batcher). A lone email never waits."""
 ATTEMPT_HEADER = "x-mailpipe-attempt"
 WAIT_HEADER = "x-mailpipe-wait-s"
 
@@ -110,16 +111,18 @@ class Sender:
         )
         self.lease_s = deps.settings.sweeper.lease_s
         self.signers = load_signers(deps.settings.dkim)
+        in_flight = deps.settings.sender.actors * deps.settings.sender.concurrency
+        batch = max(1, min(BATCH_MAX, in_flight // 2))
         self.claims: Batcher[str, queries.Claimed | None] = Batcher(
             self._claim,
-            max_size=BATCH_MAX,
+            max_size=batch,
             max_wait_s=BATCH_LINGER_S,
             splittable=about_the_rows,
             flush_timeout_s=DB_SHIELD_S,
         )
         self.marks: Batcher[queries.Sent, bool] = Batcher(
             self._mark_sent,
-            max_size=BATCH_MAX,
+            max_size=batch,
             max_wait_s=BATCH_LINGER_S,
             splittable=about_the_rows,
             flush_timeout_s=DB_SHIELD_S,

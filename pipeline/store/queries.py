@@ -573,8 +573,10 @@ async def mark_sent_many(conn: Conn, sent: Sequence[Sent]) -> set[str]:
     """`mark_sent` for many emails in one statement (one round trip, one commit); the ids
     that were `sending` and are `sent` now."""
     cur = await conn.execute(
+        # %(raws)b: binary, the rendered messages go as they are (as text each byte would be
+        # escaped in Python first).
         "WITH input AS (SELECT * FROM unnest(%(ids)s::text[], %(replies)s::jsonb[],"
-        " %(raws)s::bytea[]) AS u(id, reply, raw)),"
+        " %(raws)b::bytea[]) AS u(id, reply, raw)),"
         " s AS (UPDATE emails e SET status = 'sent', sent_at = clock_timestamp(),"
         " updated_at = clock_timestamp(), last_response = i.reply, lease_until = NULL,"
         " raw = coalesce(e.raw, i.raw) FROM input i WHERE e.id = i.id AND e.status = 'sending'"

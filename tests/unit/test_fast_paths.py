@@ -1,16 +1,21 @@
-"""render()'s fast path (no attachment) gives byte for byte what the email package gives."""
+"""Fast paths give exactly what the general paths give: render() without attachments (byte for
+byte what the email package writes), its dot-atom addresses, and canonical_address() of plain
+ASCII addresses."""
 
 from __future__ import annotations
 
 import email.generator
 from datetime import UTC, datetime
+from email.headerregistry import Address
 
 import pytest
+from email_validator import EmailNotValidError, validate_email
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.mail import render as render_module
 from pipeline.mail.render import Attachment, OutgoingEmail, render
+from pipeline.suppressions import canonical_address
 
 DATE = datetime(2026, 11, 28, 10, 0, 0, tzinfo=UTC)
 TOKEN = 123456789
@@ -106,3 +111,59 @@ def test_any_bodies_match(text: str | None, html: str | None, subject: str) -> N
         text = ""
     fast, general = both(make(body_text=text, body_html=html, subject=subject))
     assert fast == general
+
+
+def validator_canonical(address: str) -> str:
+    """canonical_address() without its fast path."""
+    text = address.strip()
+    try:
+        valid = validate_email(text, check_deliverability=False, allow_smtputf8=True)
+    except EmailNotValidError:
+        return text.lower()
+    return valid.normalized.lower()
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "User@Example.COM",
+        " a.b+tag@sub.example.org ",
+        "x@y",
+        "a..b@example.com",
+        ".a@example.com",
+        "a@-example.com",
+        "a@example.com.",
+        "a@example..com",
+        "A!#$%&'*+/=?^_`{|}~-@EXAMPLE.com",
+        "a@" + "x" * 70 + ".com",
+        "a" * 65 + "@example.com",
+        "a@xn--bcher-kva.example",
+        "a@XN--BCHER-KVA.example",
+        "üser@bücher.example",
+        '"quoted"@example.com',
+        "Name <a@example.com>",
+        "a@[127.0.0.1]",
+        "",
+        "@",
+        "a@",
+    ],
+)
+def test_canonical_address_matches_the_validator(address: str) -> None:
+    assert canonical_address(address) == validator_canonical(address)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.from_regex(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,20}@[A-Za-z0-9.-]{1,30}", fullmatch=True))
+def test_canonical_address_of_plain_addresses(address: str) -> None:
+    assert canonical_address(address) == validator_canonical(address)
+
+
+_ATEXT = "[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]{1,8}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.from_regex(rf"{_ATEXT}(\.{_ATEXT}){{0,3}}@{_ATEXT}(\.{_ATEXT}){{0,3}}", fullmatch=True))
+def test_dot_atom_addresses_are_what_the_header_parser_makes_them(address: str) -> None:
+    """render() skips the header parser for these: it would keep them as they are."""
+    assert render_module._DOT_ATOM_ADDRESS.fullmatch(address)
+    assert Address(addr_spec=address).addr_spec == address
