@@ -134,6 +134,38 @@ async def consume(
             await connection.close(None)
 
 
+RECONNECT_MIN_S = 0.5
+RECONNECT_MAX_S = 10.0
+
+
+async def consume_reconnecting(
+    url: str,
+    topology: Topology,
+    queue: str,
+    handler: Handler,
+    *,
+    concurrency: int,
+    stop: anyio.Event,
+    grace_s: float,
+) -> None:
+    """`consume` until `stop`, reconnecting with backoff after each broker failure, for a
+    consumer that must not take its role down with it (the role's other work goes on)."""
+    delay = RECONNECT_MIN_S
+    while not stop.is_set():
+        began = anyio.current_time()
+        try:
+            await consume(
+                url, topology, queue, handler, concurrency=concurrency, stop=stop, grace_s=grace_s
+            )
+        except BrokerError as exc:
+            if anyio.current_time() - began > RECONNECT_MAX_S:
+                delay = RECONNECT_MIN_S
+            log.warning("consumer of %s: %s; again in %.1f s", queue, exc, delay)
+            with anyio.move_on_after(delay):
+                await stop.wait()
+            delay = min(delay * 2, RECONNECT_MAX_S)
+
+
 async def _consume(
     connection: aiormq.abc.AbstractConnection,
     topology: Topology,

@@ -21,7 +21,7 @@ import psycopg
 from anyio.abc import TaskStatus
 from psycopg_pool import PoolTimeout
 
-from pipeline.amqp.consumer import Delivery, consume
+from pipeline.amqp.consumer import Delivery, consume_reconnecting
 from pipeline.amqp.publisher import ConfirmedPublisher
 from pipeline.deadletters import record_dead
 from pipeline.errors import BrokerError
@@ -38,8 +38,6 @@ DEAD_CONCURRENCY = 4
 """Dead-lettered messages recorded at once."""
 RECORD_ERROR_PAUSE_S = 2.0
 """How long the dead letter consumer backs off after it could not record a message."""
-RECONNECT_MIN_S = 0.5
-RECONNECT_MAX_S = 10.0
 
 
 async def sweep_once(deps: Deps, publisher: ConfirmedPublisher) -> tuple[int, int]:
@@ -88,27 +86,15 @@ async def record_dead_delivery(deps: Deps, delivery: Delivery) -> None:
 async def consume_dead(deps: Deps) -> None:
     """Consume the dead letter queue until the stop, reconnecting with backoff on its own so a
     broker outage never holds up the sweeps."""
-    settings = deps.settings
-    delay = RECONNECT_MIN_S
-    while not deps.stop.is_set():
-        began = anyio.current_time()
-        try:
-            await consume(
-                settings.amqp.url,
-                deps.topology,
-                deps.topology.dead,
-                lambda delivery: record_dead_delivery(deps, delivery),
-                concurrency=DEAD_CONCURRENCY,
-                stop=deps.stop,
-                grace_s=settings.shutdown.grace_s,
-            )
-        except BrokerError as exc:
-            if anyio.current_time() - began > RECONNECT_MAX_S:
-                delay = RECONNECT_MIN_S
-            log.warning("dead letter consumer: %s; again in %.1f s", exc, delay)
-            with anyio.move_on_after(delay):
-                await deps.stop.wait()
-            delay = min(delay * 2, RECONNECT_MAX_S)
+    await consume_reconnecting(
+        deps.settings.amqp.url,
+        deps.topology,
+        deps.topology.dead,
+        lambda delivery: record_dead_delivery(deps, delivery),
+        concurrency=DEAD_CONCURRENCY,
+        stop=deps.stop,
+        grace_s=deps.settings.shutdown.grace_s,
+    )
 
 
 async def run_sweeper(

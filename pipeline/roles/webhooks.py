@@ -14,9 +14,8 @@ import logging
 import anyio
 from anyio.abc import TaskStatus
 
-from pipeline.amqp.consumer import consume
+from pipeline.amqp.consumer import consume_reconnecting
 from pipeline.amqp.publisher import ConfirmedPublisher
-from pipeline.errors import BrokerError
 from pipeline.resources import Deps
 from pipeline.webhooks.delivery import Deliverer, http_client
 from pipeline.webhooks.fanout import run_fanout
@@ -25,34 +24,20 @@ log = logging.getLogger(__name__)
 
 CONCURRENCY = 32
 """Deliveries in flight per process (the webhooks queue's prefetch)."""
-RECONNECT_MIN_S = 0.5
-RECONNECT_MAX_S = 10.0
 
 
 async def consume_webhooks(deps: Deps, deliverer: Deliverer) -> None:
     """Consume the webhooks queue until the stop, reconnecting with backoff on its own so a
     broker outage never stops the fan-out's retries."""
-    settings = deps.settings
-    delay = RECONNECT_MIN_S
-    while not deps.stop.is_set():
-        began = anyio.current_time()
-        try:
-            await consume(
-                settings.amqp.url,
-                deps.topology,
-                deps.topology.webhooks,
-                deliverer.handle,
-                concurrency=CONCURRENCY,
-                stop=deps.stop,
-                grace_s=settings.shutdown.grace_s,
-            )
-        except BrokerError as exc:
-            if anyio.current_time() - began > RECONNECT_MAX_S:
-                delay = RECONNECT_MIN_S
-            log.warning("webhooks consumer: %s; again in %.1f s", exc, delay)
-            with anyio.move_on_after(delay):
-                await deps.stop.wait()
-            delay = min(delay * 2, RECONNECT_MAX_S)
+    await consume_reconnecting(
+        deps.settings.amqp.url,
+        deps.topology,
+        deps.topology.webhooks,
+        deliverer.handle,
+        concurrency=CONCURRENCY,
+        stop=deps.stop,
+        grace_s=deps.settings.shutdown.grace_s,
+    )
 
 
 async def run_webhooks(
