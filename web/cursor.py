@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import TypeVar
 
 from web.problems import Problem, validation_problem
 
@@ -28,3 +30,15 @@ def decode(cursor: str) -> tuple[datetime, str]:
         )
         raise problem from exc
     return when, row_id
+
+
+Row = TypeVar("Row")
+
+
+def page(
+    rows: Sequence[Row], limit: int, key: Callable[[Row], tuple[datetime, str]]
+) -> tuple[list[Row], bool, str | None]:
+    """Trim a `limit + 1` fetch to one page: (rows, has_more, next_cursor)."""
+    has_more = len(rows) > limit
+    kept = list(rows[:limit])
+    return kept, has_more, encode(*key(kept[-1])) if has_more else None

@@ -33,9 +33,9 @@ async def list_dead_letters(query_args: ListQuery) -> DeadLetterList:
     rows = await deadletters.list_letters(
         state().deps.db, account_id=caller().account_id, limit=query_args.limit + 1, before=before
     )
-    has_more = len(rows) > query_args.limit
-    rows = rows[: query_args.limit]
-    next_cursor = cursor.encode(rows[-1].created_at, rows[-1].id) if has_more else None
+    rows, has_more, next_cursor = cursor.page(
+        rows, query_args.limit, lambda r: (r.created_at, r.id)
+    )
     return DeadLetterList(data=[_item(r) for r in rows], has_more=has_more, next_cursor=next_cursor)
 
 

@@ -236,9 +236,9 @@ async def list_emails(query_args: EmailListQuery) -> EmailList:
         rows = await queries.list_emails(
             conn, caller().account_id, limit=query_args.limit + 1, before=before, where=where
         )
-    has_more = len(rows) > query_args.limit
-    rows = rows[: query_args.limit]
-    next_cursor = cursor.encode(rows[-1]["created_at"], rows[-1]["id"]) if has_more else None
+    rows, has_more, next_cursor = cursor.page(
+        rows, query_args.limit, lambda r: (r["created_at"], r["id"])
+    )
     return EmailList(
         data=[Email.model_validate(r) for r in rows], has_more=has_more, next_cursor=next_cursor
     )

@@ -41,9 +41,9 @@ async def list_suppressions(query_args: ListQuery) -> SuppressionList:
         rows = await queries.list_suppressions(
             conn, caller().account_id, limit=query_args.limit + 1, before=before
         )
-    has_more = len(rows) > query_args.limit
-    rows = rows[: query_args.limit]
-    next_cursor = cursor.encode(rows[-1].created_at, rows[-1].email) if has_more else None
+    rows, has_more, next_cursor = cursor.page(
+        rows, query_args.limit, lambda r: (r.created_at, r.email)
+    )
     return SuppressionList(
         data=[Suppression.model_validate(asdict(r)) for r in rows],
         has_more=has_more,

@@ -94,9 +94,9 @@ async def list_webhooks(query_args: ListQuery) -> WebhookList:
         rows = await queries.list_webhooks(
             conn, caller().account_id, limit=query_args.limit + 1, before=before
         )
-    has_more = len(rows) > query_args.limit
-    rows = rows[: query_args.limit]
-    next_cursor = cursor.encode(rows[-1].created_at, rows[-1].id) if has_more else None
+    rows, has_more, next_cursor = cursor.page(
+        rows, query_args.limit, lambda r: (r.created_at, r.id)
+    )
     return WebhookList(data=[_item(r) for r in rows], has_more=has_more, next_cursor=next_cursor)
 
 
@@ -159,9 +159,9 @@ async def list_deliveries(webhook_id: str, query_args: ListQuery) -> WebhookDeli
         rows = await queries.list_webhook_deliveries(
             conn, account_id, webhook_id, limit=query_args.limit + 1, before=before
         )
-    has_more = len(rows) > query_args.limit
-    rows = rows[: query_args.limit]
-    next_cursor = cursor.encode(rows[-1].created_at, rows[-1].id) if has_more else None
+    rows, has_more, next_cursor = cursor.page(
+        rows, query_args.limit, lambda r: (r.created_at, r.id)
+    )
     return WebhookDeliveryList(
         data=[WebhookDelivery.model_validate(asdict(r)) for r in rows],
         has_more=has_more,
