@@ -17,9 +17,28 @@ log = logging.getLogger("mailpipe")
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> Awaitable[None]:
+    from pipeline.processes import die_with_supervisor
     from pipeline.supervisor import parse_roles, run_service
 
-    return run_service(settings, parse_roles(args.roles, settings))
+    die_with_supervisor()  # only in a child of `run --processes N`
+    names = parse_roles(args.roles, settings)
+    if args.processes == 1:
+        return run_service(settings, names)
+    from pipeline.processes import run_processes
+
+    return run_processes(
+        settings, names, args.processes, config=args.config, log_level=args.log_level
+    )
+
+
+def _process_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return count
 
 
 async def _migrate(args: argparse.Namespace, settings: Settings) -> None:
@@ -47,12 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run",
         help="run the service (every role by default)",
-        description="Run the chosen roles in one process until SIGTERM/SIGINT, then drain.",
+        description="Run the chosen roles in one process (or N, with --processes) until "
+        "SIGTERM/SIGINT, then drain.",
     )
     run.add_argument(
         "--roles",
         help="comma-separated subset of: sandbox, api, sender, retry, sweeper, webhooks "
         "(default: all; the sandbox only when smtp.host is empty)",
+    )
+    run.add_argument(
+        "--processes",
+        type=_process_count,
+        default=1,
+        metavar="N",
+        help="run the roles in N child processes under a parent that restarts them (default: 1, "
+        "no child): the API shares api.port (SO_REUSEPORT), the sandbox runs once, in the parent",
     )
     run.set_defaults(handler=_run)
 

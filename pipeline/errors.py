@@ -71,3 +71,7 @@ class IdempotencyMismatch(IdempotencyError):
 
 class IdempotencyInProgress(IdempotencyError):
     """The first request with this key is still being processed."""
+
+
+class ProcessError(MailpipeError):
+    """The child processes of `mailpipe run --processes N` could not be kept running."""

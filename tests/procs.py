@@ -166,15 +166,16 @@ class MailpipeProcess:
 
 @asynccontextmanager
 async def mailpipe_process(
-    env: Mapping[str, str], *, roles: str | None, log_path: Path
+    env: Mapping[str, str], *, roles: str | None, log_path: Path, args: Sequence[str] = ()
 ) -> AsyncIterator[MailpipeProcess]:
-    """`python -m pipeline run [--roles roles]` with `env` on top of a clean environment.
+    """`python -m pipeline run [--roles roles] [args]` with `env` on top of a clean environment.
 
     The working directory is the log's folder, so nothing lands in the checkout.
     """
     command = [sys.executable, "-m", "pipeline", "run"]
     if roles:
         command += ["--roles", roles]
+    command += args
     with log_path.open("ab") as log_file:
         process = await anyio.open_process(
             command,
@@ -193,6 +194,31 @@ async def mailpipe_process(
                 process.kill()
             await process.wait()
             await process.aclose()
+
+
+def child_processes(pid: int) -> dict[int, str]:
+    """The live (not zombie) children of `pid`, by pid, with their command lines (Linux /proc)."""
+    found: dict[int, str] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # pid (comm) state ppid ...: comm may hold spaces and parentheses, so split after it
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+            if int(ppid) != pid or state == "Z":
+                continue
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
+        found[int(stat.parent.name)] = cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` is a process that has not exited (a zombie has)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 # ---------------------------------------------------------------- the database, directly
