@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from pipeline.mail import render as render_module
 from pipeline.mail.render import Attachment, OutgoingEmail, render
 from pipeline.suppressions import canonical_address
+from web import addresses
 
 DATE = datetime(2026, 11, 28, 10, 0, 0, tzinfo=UTC)
 TOKEN = 123456789
@@ -167,3 +168,95 @@ def test_dot_atom_addresses_are_what_the_header_parser_makes_them(address: str) 
     """render() skips the header parser for these: it would keep them as they are."""
     assert render_module._DOT_ATOM_ADDRESS.fullmatch(address)
     assert Address(addr_spec=address).addr_spec == address
+
+
+def validator_forms(address: str) -> tuple[str, str] | None:
+    """What email-validator makes of a bare address: (normalised, ASCII), or None."""
+    try:
+        valid = validate_email(address, check_deliverability=False, allow_smtputf8=False)
+    except EmailNotValidError:
+        return None
+    return valid.normalized, valid.ascii_email or valid.normalized
+
+
+def fast_forms(address: str) -> tuple[str, str] | None:
+    try:
+        return addresses.validated(address)
+    except EmailNotValidError:
+        return None
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "User@Example.COM",
+        "a.b+tag@sub.example.org",
+        "x@y",
+        "a@localhost",
+        "a@b.test",
+        "a@printer.local",
+        "a@1.2.3.4",
+        "a@example.c0m",
+        "a@example.123",
+        "a@ab--cd.example",
+        "a@xn--bcher-kva.example",
+        "a@\u212aexample.com",  # KELVIN SIGN lower-cases to an ASCII k
+        "a@example.com.",
+        "a@-example.com",
+        "a..b@example.com",
+        "a" * 64 + "@example.com",
+        "a" * 65 + "@example.com",
+        "a@" + "x" * 63 + ".com",
+        "a@" + "x" * 64 + ".com",
+        "a@" + ".".join(["x" * 60] * 4) + ".com",
+        "üser@bücher.example",
+        '"quoted"@example.com',
+        "a@[127.0.0.1]",
+    ],
+)
+def test_validated_matches_the_validator(address: str) -> None:
+    assert fast_forms(address) == validator_forms(address)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.from_regex(
+        r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\"() -]{1,20}@[A-Za-z0-9.\u212a_-]{1,30}", fullmatch=True
+    )
+)
+def test_validated_matches_the_validator_on_plain_shapes(address: str) -> None:
+    assert fast_forms(address) == validator_forms(address)
+
+
+def general_check(value: str) -> str | Exception:
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(addresses, "_plain", lambda _addr: None)
+        try:
+            return addresses.check_address(value)
+        except ValueError as exc:
+            return exc
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    name=st.one_of(st.just(""), st.text(st.characters(exclude_characters="\r\n\x00"), max_size=12)),
+    address=st.from_regex(rf"{_ATEXT}(\.{_ATEXT}){{0,2}}@[a-z0-9.-]{{1,20}}", fullmatch=True),
+)
+def test_check_address_fast_path_matches_the_general_one(name: str, address: str) -> None:
+    value = f"{name} <{address}>" if name else address
+    expected = general_check(value)
+    try:
+        got: str | Exception = addresses.check_address(value)
+    except ValueError as exc:
+        got = exc
+    if isinstance(expected, Exception):
+        assert isinstance(got, ValueError)
+    else:
+        assert got == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.text(st.characters(exclude_characters="\r\n\x00"), min_size=1, max_size=16))
+def test_display_names_are_quoted_as_the_header_registry_quotes_them(name: str) -> None:
+    addr = "someone@example.com"
+    assert addresses.display(name, addr) == str(Address(display_name=name, addr_spec=addr))
