@@ -10,24 +10,28 @@ costing n tokens is allowed when `max(TAT, now) + n·T - now <= b·T`; the TAT t
     seconds until full = ceil(ahead)
     retry after        = ceil(ahead + n·T - b·T)   (when refused)
 
-The shared limiter runs that step as one Lua script (one round trip) on Redis's own clock
-(`TIME`), so every API process, whatever its host clock, agrees. Times are whole microseconds
-and T is rounded up to a whole microsecond (a conservative error of at most 1 µs per token).
+The shared limiter runs that step in a Lua script on Redis's own clock (`TIME`), so every API
+process, whatever its host clock, agrees. Times are whole microseconds and T is rounded up to a
+whole microsecond (a conservative error of at most 1 µs per token). Concurrent requests share
+one script call (one round trip) that decides each of them in turn, in arrival order, exactly
+as one call each would; while a call runs, the next one's requests gather.
 
 When Redis fails or is slower than the configured timeout, decisions fall back to the same GCRA
 held in this process's memory (seeded with the last state Redis reported for each key), Redis is
 left alone for a short back-off, and one request at a time probes it until it answers again.
 A Redis call is never cancelled half-way: it runs in the limiter's own task group and the
 request only stops waiting for it, so no request waits longer than the timeout for Redis.
+(The keys of one call must live on one Redis node: a single Redis, not a cluster.)
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from fractions import Fraction
 from types import TracebackType
 from typing import Any
@@ -44,29 +48,39 @@ BACKOFF_S = 0.5
 """After a failed Redis call, decisions stay local this long before Redis is tried again."""
 _MAX_LOCAL_KEYS = 10_000
 
-# KEYS[1] = the key's state; ARGV = interval (µs per token), burst, cost.
-# Returns {allowed (1/0), TAT - now in µs after the decision}.
+# One GCRA step per key, in order: KEYS[i] with ARGV[3i-2 .. 3i] = interval (µs per token),
+# burst, cost. Returns {allowed_1 (1/0), TAT - now in µs after the decision, allowed_2, ...}.
+# A key named twice sees the first decision's state, as two calls in a row would.
 GCRA_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then
-  tat = now
+local out = {}
+for i, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[3 * i - 2])
+  local burst = tonumber(ARGV[3 * i - 1])
+  local cost = tonumber(ARGV[3 * i])
+  local tat = tonumber(redis.call('GET', key) or now)
+  if tat < now then
+    tat = now
+  end
+  local new_tat = tat + cost * interval
+  if new_tat - now > burst * interval then
+    out[2 * i - 1] = 0
+    out[2 * i] = tat - now
+  else
+    if cost > 0 then
+      local ttl_ms = math.floor((new_tat - now) / 1000) + 1
+      redis.call('SET', key, string.format('%d', new_tat), 'PX', ttl_ms)
+    end
+    out[2 * i - 1] = 1
+    out[2 * i] = new_tat - now
+  end
 end
-local new_tat = tat + cost * interval
-if new_tat - now > burst * interval then
-  return {0, tat - now}
-end
-if cost > 0 then
-  local ttl_ms = math.floor((new_tat - now) / 1000) + 1
-  redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', ttl_ms)
-end
-return {1, new_tat - now}
+return out
 """
 GCRA_SCRIPT: Script[bytes] = Script(script=GCRA_LUA)
+MAX_PER_CALL = 256
+"""Most decisions one script call makes (the rest wait for the next call)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +107,13 @@ class Limit:
     @property
     def window_s(self) -> int:
         """ceil(b / r): the seconds an empty bucket takes to fill (`w` of RateLimit-Policy)."""
-        return math.ceil(Fraction(self.burst) / Fraction(repr(self.rate)))
+        return _window_s(self.rate, self.burst)
+
+
+@functools.lru_cache(maxsize=1024)
+def _window_s(rate: float, burst: int) -> int:
+    """Exact (the rate as written, not its binary float), and asked for on every answer."""
+    return math.ceil(Fraction(burst) / Fraction(repr(rate)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +201,16 @@ def refusal_detail(decision: Decision) -> str:
     )
 
 
+@dataclass(eq=False, slots=True)
+class _Ask:
+    """One request's decision, made by the next script call."""
+
+    key: str
+    args: tuple[int, int, int]
+    done: anyio.Event = field(default_factory=anyio.Event)
+    reply: tuple[bool, int] | str = "no reply"
+
+
 def _monotonic_us() -> int:
     return time.monotonic_ns() // 1000
 
@@ -207,6 +237,8 @@ class RateLimiter:
         self._backoff_us = int(backoff_s * US)
         self._clock_us = clock_us
         self._tg: TaskGroup | None = None
+        self._asks: list[_Ask] = []  # waiting for the next script call
+        self._calling = False
         self._tats: dict[str, int] = {}  # local TATs, on clock_us
         self._healthy = True
         self._retry_at_us = 0
@@ -272,34 +304,45 @@ class RateLimiter:
         return not self._probing and self._clock_us() >= self._retry_at_us
 
     async def _call_redis(self, key_id: str, limit: Limit, cost: int) -> tuple[bool, int] | str:
-        """The script's reply, or why there is none (failed, or no answer within the timeout)."""
-        assert self._tg is not None and self._redis is not None
-        redis = self._redis
-        box: list[Any] = []
-        done = anyio.Event()
-        args = [limit.interval_us, limit.burst, cost]
+        """The script's reply, or why there is none (failed, or no answer within the timeout).
 
-        async def call() -> None:
-            try:
-                box.append(await GCRA_SCRIPT([self.redis_key(key_id)], args, client=redis))
-            except Exception as exc:
-                box.append(exc)
-            finally:
-                done.set()
-
-        self._tg.start_soon(call)
+        The request joins the next script call (started now unless one is running: then the
+        call after it), and waits at most the timeout for it."""
+        assert self._tg is not None
+        ask = _Ask(self.redis_key(key_id), (limit.interval_us, limit.burst, cost))
+        self._asks.append(ask)
+        if not self._calling:
+            self._calling = True
+            self._tg.start_soon(self._call_loop)
         with anyio.move_on_after(self._timeout_s):
-            await done.wait()
-        if not box:
+            await ask.done.wait()
+        if not ask.done.is_set():
             return f"no answer within {self._timeout_s * 1000:g} ms"
-        reply = box[0]
-        if isinstance(reply, Exception):
-            return f"{type(reply).__name__}: {reply}"
+        return ask.reply
+
+    async def _call_loop(self) -> None:
+        """Script calls for whatever requests are waiting, one call at a time, until none is."""
         try:
-            allowed, ahead_us = int(reply[0]), int(reply[1])
-        except (TypeError, ValueError, IndexError):
-            return f"unexpected reply {reply!r:.80}"
-        return allowed == 1, ahead_us
+            while self._asks:
+                asks, self._asks = self._asks[:MAX_PER_CALL], self._asks[MAX_PER_CALL:]
+                replies = await self._call_many(asks)
+                for ask, reply in zip(asks, replies, strict=True):
+                    ask.reply = reply
+                    ask.done.set()
+        finally:
+            self._calling = False
+
+    async def _call_many(self, asks: Sequence[_Ask]) -> list[tuple[bool, int] | str]:
+        assert self._redis is not None
+        args: list[int] = []
+        for ask in asks:
+            args.extend(ask.args)
+        try:
+            reply: Any = await GCRA_SCRIPT([ask.key for ask in asks], args, client=self._redis)
+            pairs = [(int(reply[i]), int(reply[i + 1])) for i in range(0, 2 * len(asks), 2)]
+        except Exception as exc:
+            return [f"{type(exc).__name__}: {exc}"] * len(asks)
+        return [(allowed == 1, ahead_us) for allowed, ahead_us in pairs]
 
     def _failed(self, reason: str, epoch: int) -> None:
         """Back off from Redis; log when this opens an outage (not for a call that began before

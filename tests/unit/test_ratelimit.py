@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pipeline import ratelimit as ratelimit_module
 from pipeline.ratelimit import (
     GCRA_SCRIPT,
     US,
@@ -220,6 +221,53 @@ async def test_script_matches_the_python_step(redis: coredis.Redis[bytes], prefi
         assert 0 < ttl_ms <= limit.tolerance_us // 1000 + 1
         reply = await GCRA_SCRIPT([key], [*args, 6], client=redis)
         assert reply[0] == 0
+    finally:
+        await _cleanup(redis, prefix)
+
+
+@pytest.mark.anyio
+async def test_one_call_decides_many_in_order(redis: coredis.Redis[bytes], prefix: str) -> None:
+    """Requests sharing a call get what one call each would give, a key named twice included."""
+    small, large = Limit(1, 2), Limit(5, 10)
+    asks = [("a", small, 1), ("b", large, 4), ("a", small, 1), ("a", small, 1), ("b", large, 7)]
+    args = [n for _, limit, cost in asks for n in (limit.interval_us, limit.burst, cost)]
+    try:
+        reply: Any = await GCRA_SCRIPT([f"{prefix}{k}" for k, _, _ in asks], args, client=redis)
+        allowed = [reply[i] for i in range(0, len(reply), 2)]
+        assert allowed == [1, 1, 1, 0, 0]
+        aheads = [reply[i] for i in range(1, len(reply), 2)]
+        assert aheads[2] > small.interval_us  # the second "a" saw the first one's charge
+        assert aheads[4] >= 4 * large.interval_us - 1000  # the refused "b" names b's state
+    finally:
+        await _cleanup(redis, prefix)
+
+
+@pytest.mark.anyio
+async def test_concurrent_requests_share_script_calls(
+    redis: coredis.Redis[bytes], prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    script = ratelimit_module.GCRA_SCRIPT
+
+    async def counted(keys: list[str], args: list[int], *, client: Any) -> Any:
+        calls.append(len(keys))
+        return await script(keys, args, client=client)
+
+    monkeypatch.setattr(ratelimit_module, "GCRA_SCRIPT", counted)
+    limit = Limit(0.5, 40)
+    results: list[Decision] = []
+    try:
+        async with RateLimiter(redis, prefix=prefix, timeout_s=2) as limiter:
+
+            async def hit() -> None:
+                results.append(await limiter.acquire("key", limit, 1))
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(50):
+                    tg.start_soon(hit)
+        assert sum(calls) == 50 and len(calls) < 50
+        assert sum(d.allowed for d in results) == 40
+        assert sorted(d.remaining for d in results if d.allowed) == list(range(40))
     finally:
         await _cleanup(redis, prefix)
 
