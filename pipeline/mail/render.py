@@ -128,7 +128,12 @@ def bare_address(s: str) -> str:
 
 def envelope_sender(email: OutgoingEmail) -> str:
     """MAIL FROM: the sender's bare address, with an IDNA (ASCII) domain."""
-    return _ascii_address(bare_address(email.from_email))
+    return sender_address(email.from_email)
+
+
+def sender_address(from_email: str) -> str:
+    """`envelope_sender` of a `from_email` value alone (no message to build first)."""
+    return _ascii_address(bare_address(from_email))
 
 
 def envelope_recipients(email: OutgoingEmail) -> list[str]:

@@ -32,7 +32,13 @@ from pipeline.mail.classify import (
     is_hard_bounce,
 )
 from pipeline.mail.dkim import load_signers, sign_for
-from pipeline.mail.render import Attachment, OutgoingEmail, envelope_sender, render
+from pipeline.mail.render import (
+    Attachment,
+    OutgoingEmail,
+    envelope_sender,
+    render,
+    sender_address,
+)
 from pipeline.mail.smtp_pool import SmtpPool
 from pipeline.messages import UndecodableMessage, decode_send, encode_send
 from pipeline.resources import Deps
@@ -95,7 +101,7 @@ def exhausted_reason(attempts: int) -> str:
 
 
 def envelope_from(claimed: queries.Claimed) -> str:
-    return envelope_sender(outgoing(claimed))
+    return sender_address(claimed.from_email)
 
 
 class Sender:
