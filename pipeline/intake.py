@@ -12,8 +12,11 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
+import anyio
+from anyio.abc import TaskGroup
 from psycopg_pool import AsyncConnectionPool
 
 from pipeline.amqp.publisher import ConfirmedPublisher
@@ -116,23 +119,28 @@ COMMIT_GROUPS = 2
 PUBLISH_GROUPS = 4
 """Groups of publishes in flight at once (a confirm takes the broker's fsync): while they
 wait, the next group fills."""
+MAX_UNPUBLISHED = 4096
+"""Committed emails waiting for their publish at most; past that a request waits for room
+before it is answered (back-pressure when the broker is slower than the API)."""
 
 
 class GroupCommit:
     """The API process's acceptance of requests without an Idempotency-Key, batched.
 
-    Two stages, each shared by whatever requests reach it together (pipeline.batcher):
-    concurrent requests' emails are inserted by one statement (one round trip, one commit;
-    the next group fills meanwhile); then their queued ids are published with
-    the confirms awaited together and the confirmed ones marked by one UPDATE (a few groups
-    at once, as a confirm waits for the broker's disk). Each request is answered with its own
-    emails' outcome once both stages are done with it.
+    Concurrent requests' emails are inserted by one statement (one round trip, one commit;
+    the next group fills meanwhile; pipeline.batcher), and each request is answered as soon as
+    its own rows are committed. Their queued ids go to a publishing task of the process, which
+    publishes whatever has gathered with the confirms awaited together and marks the confirmed
+    ones by one UPDATE (`publish_groups` such groups at once, as a confirm waits for the
+    broker's disk). At most `max_unpublished` ids wait: past that, a request waits for room
+    before its answer.
 
     A request whose emails name a suppressed recipient is committed on its own in the same
     flush (the one-by-one path that drops the recipient and records why); a request whose rows
     the database refuses fails alone (the batcher splits the group until it is alone). Every
     guarantee of `accept_all` holds: nothing is answered before its commit, and a publish the
-    broker does not confirm leaves the row unpublished for the sweeper.
+    broker does not confirm (or one a stop cuts short) leaves the row unpublished for the
+    sweeper. Enter it (`async with`) to run the publishing task; leaving publishes what waits.
     """
 
     def __init__(
@@ -142,6 +150,7 @@ class GroupCommit:
         *,
         max_emails: int = GROUP_MAX_EMAILS,
         publish_groups: int = PUBLISH_GROUPS,
+        max_unpublished: int = MAX_UNPUBLISHED,
     ) -> None:
         self.db = db
         self.publisher = publisher
@@ -152,20 +161,79 @@ class GroupCommit:
             size=len,
             splittable=about_the_rows,
         )
-        self.publishes: Batcher[Sequence[str], None] = Batcher(
-            self._publish, max_size=max_emails, max_concurrent=publish_groups, size=len
-        )
+        self._max_group = max_emails
+        self._max_unpublished = max_unpublished
+        self._unpublished: list[str] = []
+        self._arrived = anyio.Event()  # set when ids join `_unpublished`
+        self._room = anyio.Event()  # set when `_unpublished` is taken from
+        self._groups = anyio.Semaphore(publish_groups)
+        self._closing = False
+        self._tg: TaskGroup | None = None
+        self.publish_groups = 0
+        """Publish groups started so far."""
+        self.published = 0
+        """Ids handed to the publishing task so far."""
+
+    async def __aenter__(self) -> Self:
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        tg.start_soon(self._publishing)
+        self._tg = tg
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        tg, self._tg = self._tg, None
+        assert tg is not None
+        self._closing = True
+        self._arrived.set()
+        return await tg.__aexit__(exc_type, exc, tb)
 
     async def accept(self, emails: Sequence[queries.NewEmail]) -> list[Accepted]:
-        """Commit, publish and mark these emails (one request's) with whatever other requests
-        came meanwhile; what was accepted, once it is committed and published."""
+        """Commit these emails (one request's) with whatever other requests came meanwhile,
+        and hand the queued ones to the publishing task; what was accepted, once committed."""
+        if self._tg is None:
+            raise RuntimeError("enter the GroupCommit (async with) before accepting")
         if not emails:
             return []
         accepted = await self.batcher.submit(emails)
         queued = [a.id for a in accepted if a.status == "queued"]
         if queued:
-            await self.publishes.submit(queued)
+            while len(self._unpublished) >= self._max_unpublished:
+                await self._room.wait()
+            self._unpublished.extend(queued)
+            self.published += len(queued)
+            self._arrived.set()
         return accepted
+
+    async def _publishing(self) -> None:
+        """Start a publish group for whatever ids wait, `publish_groups` at a time, until the
+        GroupCommit is left and nothing waits."""
+        async with anyio.create_task_group() as tg:
+            while True:
+                if not self._unpublished:
+                    if self._closing:
+                        return
+                    self._arrived = anyio.Event()
+                    await self._arrived.wait()
+                    continue
+                await self._groups.acquire()
+                ids = self._unpublished[: self._max_group]
+                del self._unpublished[: self._max_group]
+                self._room.set()
+                self._room = anyio.Event()
+                self.publish_groups += 1
+                tg.start_soon(self._publish_group, ids)
+
+    async def _publish_group(self, ids: Sequence[str]) -> None:
+        try:
+            await self._publish(ids)
+        finally:
+            self._groups.release()
 
     async def _commit(
         self, requests: Sequence[Sequence[queries.NewEmail]]
@@ -189,15 +257,13 @@ class GroupCommit:
                     outcomes.append(exc)
         return outcomes
 
-    async def _publish(self, requests: Sequence[Sequence[str]]) -> list[None]:
-        """Publish and mark; never fails a request (its rows are committed: whatever is not
-        confirmed and marked here, the sweeper publishes)."""
-        ids = [email_id for ids in requests for email_id in ids]
+    async def _publish(self, ids: Sequence[str]) -> None:
+        """Publish and mark; never raises (the rows are committed: whatever is not confirmed
+        and marked here, the sweeper publishes)."""
         try:
             await publish_ids(self.db, self.publisher, ids)
         except Exception as exc:
             log.warning("could not mark %d emails published (%s); the sweeper will", len(ids), exc)
-        return [None] * len(requests)
 
 
 async def accept_all(
