@@ -191,6 +191,13 @@ _PUBLIC_EMAIL_COLUMNS = (
 )
 
 
+def _locked_in_order(ids_sql: str) -> str:
+    """A CTE body that locks the emails rows of `ids_sql` in id order. Statements that update
+    many emails lock through it first: two of them that share rows then wait for each other
+    instead of deadlocking (each would otherwise lock in the order its plan meets the rows)."""
+    return f"SELECT id FROM emails WHERE id IN ({ids_sql}) ORDER BY id FOR NO KEY UPDATE"
+
+
 def _event_insert(type_sql: str, data_sql: str, source: str) -> str:
     """SQL that records one event per row of `source` (a CTE), in the same statement."""
     return (
@@ -340,7 +347,9 @@ async def insert_emails_unless_suppressed(
 async def mark_published(conn: Conn, email_ids: Sequence[str]) -> None:
     """The broker confirmed these: the sweeper need not republish them."""
     await conn.execute(
-        "UPDATE emails SET published = true WHERE id = ANY(%s) AND NOT published",
+        f"WITH locked AS MATERIALIZED ({_locked_in_order('SELECT unnest(%s::text[])')})"
+        " UPDATE emails SET published = true"
+        " WHERE id IN (SELECT id FROM locked) AND NOT published",
         (list(email_ids),),
     )
 
@@ -546,10 +555,11 @@ async def claim_many(conn: Conn, email_ids: Sequence[str], *, lease_s: float) ->
     an email someone else has, or a finished one, is simply not among them."""
     async with conn.cursor(row_factory=class_row(Claimed)) as cur:
         await cur.execute(
-            "WITH c AS (UPDATE emails SET status = 'sending', attempts = attempts + 1,"
+            f"WITH locked AS MATERIALIZED ({_locked_in_order('SELECT unnest(%(ids)s::text[])')}),"
+            " c AS (UPDATE emails SET status = 'sending', attempts = attempts + 1,"
             " lease_until = now() + make_interval(secs => %(lease_s)s),"
             " updated_at = clock_timestamp()"
-            " WHERE id = ANY(%(ids)s) AND status IN ('queued', 'deferred')"
+            " WHERE id IN (SELECT id FROM locked) AND status IN ('queued', 'deferred')"
             f" RETURNING {_CLAIMED_COLUMNS}),"
             " ev AS ("
             + _event_insert("'email.sending'", "jsonb_build_object('attempt', attempts)", "c")
@@ -577,9 +587,11 @@ async def mark_sent_many(conn: Conn, sent: Sequence[Sent]) -> set[str]:
         # escaped in Python first).
         "WITH input AS (SELECT * FROM unnest(%(ids)s::text[], %(replies)s::jsonb[],"
         " %(raws)b::bytea[]) AS u(id, reply, raw)),"
+        f" locked AS MATERIALIZED ({_locked_in_order('SELECT id FROM input')}),"
         " s AS (UPDATE emails e SET status = 'sent', sent_at = clock_timestamp(),"
         " updated_at = clock_timestamp(), last_response = i.reply, lease_until = NULL,"
         " raw = coalesce(e.raw, i.raw) FROM input i WHERE e.id = i.id AND e.status = 'sending'"
+        " AND e.id IN (SELECT id FROM locked)"
         " RETURNING e.id, e.account_id, e.attempts, i.reply),"
         " ev AS ("
         + _event_insert(
