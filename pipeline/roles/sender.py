@@ -9,7 +9,7 @@ publish is confirmed); an email whose attempts are exhausted becomes a dead lett
 from __future__ import annotations
 
 import base64
-import contextlib
+import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC
@@ -39,7 +39,7 @@ from pipeline.mail.render import (
     render,
     sender_address,
 )
-from pipeline.mail.smtp_pool import SmtpPool
+from pipeline.mail.smtp_pool import SendResult, SmtpPool
 from pipeline.messages import UndecodableMessage, decode_send, encode_send
 from pipeline.resources import Deps
 from pipeline.retry import RetryPolicy, exhausted, next_wait_s
@@ -57,6 +57,8 @@ DB_ERROR_PAUSE_S = 2.0
 DB_SHIELD_S = 10.0
 """Longest a claim, a `sent` commit or a claim's release holds off a cancellation (a lost
 broker connection cancels the handlers): none of them may be cut in two."""
+SENT_RETRY_PAUSE_S = 0.05
+"""First pause before a failed `sent` commit is tried again (doubling, at most 1 s)."""
 BATCH_MAX = 64
 BATCH_LINGER_S = 0.010
 """Claims and `sent` commits of concurrent handlers share one statement, of at most this many
@@ -206,25 +208,47 @@ class Sender:
         except ValueError as exc:  # cannot be rendered: no attempt will ever succeed
             await self.failed(delivery, claimed, Permanent(f"cannot render: {exc}"), None)
             return
-        refused = {addr: r.to_json() for addr, r in reply.refused.items()}
-        # After the relay's 250 only this commit stands between the email and a second send:
-        # a cancellation (lost broker connection) must not interrupt it.
-        # Concurrent handlers' `sent` commits share one statement (not with refused recipients).
-        with anyio.move_on_after(DB_SHIELD_S, shield=True):
-            if refused:
-                async with self.deps.db.connection() as conn:
-                    await queries.mark_sent(
-                        conn,
-                        claimed.id,
-                        reply=reply.to_json(),
-                        raw=fresh_raw,
-                        refused=refused,
-                        suppress=refused_to_suppress(reply.refused),
-                    )
-            else:
-                with contextlib.suppress(FlushTimeout):  # as when the shield's time runs out
-                    await self.marks.submit(queries.Sent(claimed.id, reply.to_json(), fresh_raw))
+        await self.record_sent(claimed, reply, fresh_raw)
         await delivery.ack()
+
+    async def record_sent(
+        self, claimed: queries.Claimed, reply: SendResult, fresh_raw: bytes | None
+    ) -> None:
+        """Commit `sent` after the relay's 250: only this commit stands between the email and
+        a second send once its lease runs out. So a cancellation (a lost broker connection)
+        must not interrupt it, and a database error (a deadlock, a dropped connection) is
+        retried until DB_SHIELD_S has passed. Concurrent handlers' commits share one
+        statement (not those with refused recipients, which have more to record)."""
+        refused = {addr: r.to_json() for addr, r in reply.refused.items()}
+        with anyio.move_on_after(DB_SHIELD_S, shield=True):
+            for retry in itertools.count():
+                try:
+                    if refused:
+                        async with self.deps.db.connection() as conn:
+                            await queries.mark_sent(
+                                conn,
+                                claimed.id,
+                                reply=reply.to_json(),
+                                raw=fresh_raw,
+                                refused=refused,
+                                suppress=refused_to_suppress(reply.refused),
+                            )
+                    else:
+                        await self.marks.submit(
+                            queries.Sent(claimed.id, reply.to_json(), fresh_raw)
+                        )
+                    return
+                except FlushTimeout:
+                    break
+                except (psycopg.Error, PoolTimeout) as exc:
+                    log.warning("could not record %s as sent (%s); retrying", claimed.id, exc)
+                    await anyio.sleep(min(SENT_RETRY_PAUSE_S * 2**retry, 1.0))
+        log.error(
+            "could not record %s as sent within %g s: it stays `sending` until its lease "
+            "runs out, and is then sent again",
+            claimed.id,
+            DB_SHIELD_S,
+        )
 
     async def release(self, email_id: str) -> None:
         """Give a claim back (`sending` → `queued`), shielded and bounded; when the database
