@@ -119,9 +119,11 @@ COMMIT_GROUPS = 2
 PUBLISH_GROUPS = 4
 """Groups of publishes in flight at once (a confirm takes the broker's fsync): while they
 wait, the next group fills."""
-MAX_UNPUBLISHED = 4096
-"""Committed emails waiting for their publish at most; past that a request waits for room
-before it is answered (back-pressure when the broker is slower than the API)."""
+MAX_UNPUBLISHED = 1024
+"""Committed emails whose publish is waiting or under way, at most; past that a request waits
+for room before it is answered. Small on purpose: the API then accepts no faster than it can
+publish (a measured rate is a sustained one), and no email waits long enough for the sweeper
+to republish it."""
 
 
 class GroupCommit:
@@ -132,8 +134,8 @@ class GroupCommit:
     its own rows are committed. Their queued ids go to a publishing task of the process, which
     publishes whatever has gathered with the confirms awaited together and marks the confirmed
     ones by one UPDATE (`publish_groups` such groups at once, as a confirm waits for the
-    broker's disk). At most `max_unpublished` ids wait: past that, a request waits for room
-    before its answer.
+    broker's disk). At most `max_unpublished` ids wait or are being published: past that, a
+    request waits for room before its answer.
 
     A request whose emails name a suppressed recipient is committed on its own in the same
     flush (the one-by-one path that drops the recipient and records why); a request whose rows
@@ -163,7 +165,8 @@ class GroupCommit:
         )
         self._max_group = max_emails
         self._max_unpublished = max_unpublished
-        self._unpublished: list[str] = []
+        self._unpublished: list[str] = []  # waiting for a publish group
+        self._outstanding = 0  # waiting or in a publish group
         self._arrived = anyio.Event()  # set when ids join `_unpublished`
         self._room = anyio.Event()  # set when `_unpublished` is taken from
         self._groups = anyio.Semaphore(publish_groups)
@@ -203,8 +206,9 @@ class GroupCommit:
         accepted = await self.batcher.submit(emails)
         queued = [a.id for a in accepted if a.status == "queued"]
         if queued:
-            while len(self._unpublished) >= self._max_unpublished:
+            while self._outstanding >= self._max_unpublished:
                 await self._room.wait()
+            self._outstanding += len(queued)
             self._unpublished.extend(queued)
             self.published += len(queued)
             self._arrived.set()
@@ -224,8 +228,6 @@ class GroupCommit:
                 await self._groups.acquire()
                 ids = self._unpublished[: self._max_group]
                 del self._unpublished[: self._max_group]
-                self._room.set()
-                self._room = anyio.Event()
                 self.publish_groups += 1
                 tg.start_soon(self._publish_group, ids)
 
@@ -234,6 +236,9 @@ class GroupCommit:
             await self._publish(ids)
         finally:
             self._groups.release()
+            self._outstanding -= len(ids)
+            self._room.set()
+            self._room = anyio.Event()
 
     async def _commit(
         self, requests: Sequence[Sequence[queries.NewEmail]]
