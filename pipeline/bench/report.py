@@ -66,8 +66,50 @@ class Report:
             "setup": self.setup,
             "ingest": self.ingest,
             "delivery": self.delivery,
+            "cpu_ms_per_item": cpu_ms_per_item(self),
             "notes": self.notes,
         }
+
+
+_PHASE_RATES = {
+    "hello": ("ingest", "hello"),
+    "ingest": ("ingest", "accept"),
+    "delivery": ("delivery", "pipeline"),
+    "raw smtp": ("delivery", "raw"),
+}
+"""The phases whose CPU shares divide by a rate: the measurement whose rate it is."""
+
+
+def cpu_ms_per_item(report: Report) -> dict[str, dict[str, float]]:
+    """Milliseconds of CPU each process spent per request (ingest phases) or per email
+    (delivery phases): what a phase costs, whatever the machine's other load did to its rate.
+    A process's share of a core divided by the phase's rate."""
+    out: dict[str, dict[str, float]] = {}
+    for phase, shares in (report.setup.get("cpu_by_phase") or {}).items():
+        where = _PHASE_RATES.get(phase)
+        section = getattr(report, where[0]) if where else None
+        run = (section or {}).get(where[1]) if where else None
+        rate = (run or {}).get("rate")
+        if not rate:
+            continue
+        out[phase] = {
+            name: 1000 * share / rate
+            for name, share in shares.items()
+            if name not in ("machine", "other") and share >= 0.005
+        }
+    return out
+
+
+def cost_lines(report: Report) -> list[str]:
+    """The table's lines of `cpu_ms_per_item` (none when nothing was measured)."""
+    per_item = cpu_ms_per_item(report)
+    if not per_item:
+        return []
+    lines = ["", "CPU per request (ingest) or per email (delivery), ms of one core:"]
+    for phase, costs in per_item.items():
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in costs.items())
+        lines.append(f"  {phase:<9} {parts}, all {sum(costs.values()):.2f}")
+    return lines
 
 
 def _num(value: float | None, digits: int = 1) -> str:
@@ -196,6 +238,7 @@ def table(report: Report) -> str:
         for phase, shares in cpu.items():
             parts = ", ".join(f"{k} {_pct(v)}" for k, v in shares.items())
             lines.append(f"  {phase:<9} {parts}")
+    lines += cost_lines(report)
     if report.notes:
         lines.append("")
         lines += [f"note: {n}" for n in report.notes]
