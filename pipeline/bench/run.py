@@ -839,6 +839,17 @@ async def _external(bench: Bench, report: Report) -> None:
     bench.notes.append("delivery is measured only on a service the bench starts (no --url)")
 
 
+LIMITER_FALLBACK_LOG = "Redis rate limiter unavailable"
+
+
+def limiter_fallbacks(log_path: Path) -> int:
+    """How often an API process's log says its rate limiter stopped asking Redis."""
+    try:
+        return log_path.read_text(errors="replace").count(LIMITER_FALLBACK_LOG)
+    except OSError:
+        return 0
+
+
 async def _owned(bench: Bench, report: Report) -> None:
     o, settings, progress = bench.options, bench.settings, bench.progress
     run = secrets.token_hex(4)
@@ -884,5 +895,11 @@ async def _owned(bench: Bench, report: Report) -> None:
     base_url = f"http://127.0.0.1:{port}"
     api_pids = [c.pid for c in apis]
     report.ingest = await bench.ingest(base_url, key, api_pids, hello=True)
+    fallbacks = sum(limiter_fallbacks(c.log_path) for c in apis)
+    if fallbacks:
+        bench.notes.append(
+            f"ingest: the rate limiter fell back to per-process decisions {fallbacks} time(s) "
+            "(Redis answered later than rate_limit.redis_timeout_ms)"
+        )
     report.delivery = await bench.delivery(base_url, key, smtp, api_pids)
     progress.step("stopping")
