@@ -34,7 +34,7 @@ def test_defaults_load_from_any_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert s.retry.tiers_s == (1, 5, 30, 120, 600, 3600)
     assert s.webhooks.retry_tiers_s == (5, 300, 1800, 7200, 18000, 36000, 43200)
     assert sum(s.webhooks.retry_tiers_s) >= 24 * 3600  # retried for at least 24 h
-    assert s.rate_limit.redis_timeout_ms == 50
+    assert s.rate_limit.redis_timeout_ms == 250
     assert s.sandbox.dir == "var/sandbox"
     assert s.dev.demo_key is True
     assert dict(s.dkim) == {}
