@@ -31,16 +31,6 @@ def _run(args: argparse.Namespace, settings: Settings) -> Awaitable[None]:
     )
 
 
-def _process_count(text: str) -> int:
-    try:
-        count = int(text)
-    except ValueError:
-        count = 0
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return count
-
-
 async def _migrate(args: argparse.Namespace, settings: Settings) -> None:
     from pipeline.store.migrate import migrate
 
@@ -51,6 +41,7 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from pipeline import cli
     from pipeline.bench import cli as bench_cli
+    from pipeline.cli import positive_int
     from pipeline.webhooks.cli import add_webhook_commands
 
     parser = argparse.ArgumentParser(
@@ -76,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--processes",
-        type=_process_count,
+        type=positive_int,
         default=1,
         metavar="N",
         help="run the roles in N child processes under a parent that restarts them (default: 1, "

@@ -112,6 +112,17 @@ async def keys_revoke(args: argparse.Namespace, settings: Settings) -> None:
     print(f"revoked {args.id}")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1, else a usage error naming what was given."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def _response_text(reply: Any) -> str:
     if not reply:
         return "-"

@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Any
 
+from pipeline.cli import positive_int
 from pipeline.errors import CliError
 from pipeline.settings import Settings
 
@@ -39,16 +40,6 @@ def _host_port(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"expected host:port, got {text!r}")
     return host, int(port)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def _positive_float(text: str) -> float:
@@ -107,7 +98,7 @@ def add_command(commands: Any) -> None:
         "--sink", type=_host_port, metavar="HOST:PORT", help="an SMTP sink to deliver to"
     )
     parser.add_argument(
-        "--concurrency", type=_positive_int, default=64, help="HTTP clients (default: 64)"
+        "--concurrency", type=positive_int, default=64, help="HTTP clients (default: 64)"
     )
     parser.add_argument(
         "--seconds",
@@ -123,7 +114,7 @@ def add_command(commands: Any) -> None:
     )
     parser.add_argument(
         "--rounds",
-        type=_positive_int,
+        type=positive_int,
         default=2,
         help="ingest measurements of each kind, in ABBA order (default: 2)",
     )
@@ -135,11 +126,11 @@ def add_command(commands: Any) -> None:
         "streams, the default) or httpx (costs more CPU per request than a hello does)",
     )
     parser.add_argument(
-        "--emails", type=_positive_int, default=2000, help="delivery backlog (default: 2000)"
+        "--emails", type=positive_int, default=2000, help="delivery backlog (default: 2000)"
     )
     parser.add_argument(
         "--processes",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="API processes on one port, and sender processes (default: 1)",
     )
