@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from functools import wraps
 from typing import Any, Final
 
+import anyio
 from quart import current_app, g, request
 
 from pipeline import keys
@@ -41,7 +42,11 @@ class Caller:
 
 
 class KeyCache:
-    """Key rows by lookup id, each trusted for `ttl_s` (a revocation is seen after that)."""
+    """Key rows by lookup id, each trusted for `ttl_s` (a revocation is seen after that).
+
+    `fetch` reads a missing row once however many requests want it at the same moment: when
+    an entry expires under load, every request in flight with that key would otherwise query
+    the database together."""
 
     def __init__(
         self,
@@ -54,6 +59,7 @@ class KeyCache:
         self._max = max_entries
         self._clock = clock
         self._rows: dict[str, tuple[float, queries.ApiKey]] = {}
+        self._reading: dict[str, _Read] = {}
 
     def get(self, lookup: str) -> queries.ApiKey | None:
         entry = self._rows.get(lookup)
@@ -71,6 +77,40 @@ class KeyCache:
             if len(self._rows) >= self._max:
                 self._rows.clear()
         self._rows[lookup] = (now + self.ttl_s, row)
+
+    async def fetch(
+        self, lookup: str, read: Callable[[], Awaitable[queries.ApiKey | None]]
+    ) -> queries.ApiKey | None:
+        """The cached row, else `read()`'s, shared with the callers that ask meanwhile. A
+        caller whose shared read failed (or was cancelled) reads on its own."""
+        row = self.get(lookup)
+        if row is not None:
+            return row
+        pending = self._reading.get(lookup)
+        if pending is not None:
+            await pending.done.wait()
+            if pending.ok:
+                return pending.row
+            return await read()
+        pending = self._reading[lookup] = _Read()
+        try:
+            row = await read()
+            pending.row, pending.ok = row, True
+            if row is not None:
+                self.put(lookup, row)
+            return row
+        finally:
+            del self._reading[lookup]
+            pending.done.set()
+
+
+@dataclass(eq=False)
+class _Read:
+    """A key row being read, and its outcome for the callers waiting on it."""
+
+    done: anyio.Event = field(default_factory=anyio.Event)
+    row: queries.ApiKey | None = None
+    ok: bool = False
 
 
 def presented_key() -> str | None:
@@ -90,14 +130,11 @@ def _key_cache() -> KeyCache:
 
 
 async def _key_row(lookup: str) -> queries.ApiKey | None:
-    cache = _key_cache()
-    row = cache.get(lookup)
-    if row is None:
+    async def read() -> queries.ApiKey | None:
         async with state().deps.db.connection() as conn:
-            row = await queries.key_by_lookup(conn, lookup)
-        if row is not None:
-            cache.put(lookup, row)
-    return row
+            return await queries.key_by_lookup(conn, lookup)
+
+    return await _key_cache().fetch(lookup, read)
 
 
 async def authenticate() -> Caller:

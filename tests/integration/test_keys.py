@@ -64,6 +64,66 @@ def test_key_rows_are_trusted_for_less_than_a_second() -> None:
     assert cache.get("c") is other and cache.get("a") is None
 
 
+@pytest.mark.anyio
+async def test_concurrent_misses_share_one_read() -> None:
+    """An expired entry under load: the requests in flight with that key read it once."""
+    cache = KeyCache(0.5)
+    reads = 0
+    release = anyio.Event()
+    row: Any = object()
+
+    async def read() -> Any:
+        nonlocal reads
+        reads += 1
+        await release.wait()
+        return row
+
+    got: list[Any] = []
+
+    async def ask() -> None:
+        got.append(await cache.fetch("aaaaaaaa", read))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(ask)
+        await anyio.wait_all_tasks_blocked()
+        release.set()
+    assert reads == 1 and got == [row] * 20
+    assert cache.get("aaaaaaaa") is row
+
+
+@pytest.mark.anyio
+async def test_a_failed_shared_read_lets_each_caller_read_on_its_own() -> None:
+    cache = KeyCache(0.5)
+    calls = 0
+    release = anyio.Event()
+
+    async def read() -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await release.wait()
+            raise OSError("database gone")
+        return None  # unknown key: nothing is cached
+
+    outcomes: list[Any] = []
+
+    async def ask() -> None:
+        try:
+            outcomes.append(await cache.fetch("bbbbbbbb", read))
+        except OSError as exc:
+            outcomes.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(ask)
+        await anyio.wait_all_tasks_blocked()
+        release.set()
+    assert calls == 3
+    assert sum(isinstance(o, OSError) for o in outcomes) == 1 and outcomes.count(None) == 2
+    assert cache.get("bbbbbbbb") is None
+
+
 # ---------------------------------------------------------------- authentication and scopes
 
 
