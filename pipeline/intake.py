@@ -168,7 +168,7 @@ class GroupCommit:
         self._unpublished: list[str] = []  # waiting for a publish group
         self._outstanding = 0  # waiting or in a publish group
         self._arrived = anyio.Event()  # set when ids join `_unpublished`
-        self._room = anyio.Event()  # set when `_unpublished` is taken from
+        self._room = anyio.Event()  # set when a publish group is done
         self._groups = anyio.Semaphore(publish_groups)
         self._closing = False
         self._tg: TaskGroup | None = None

@@ -120,3 +120,51 @@ async def test_a_bad_row_fails_alone(service: Service) -> None:
     # The group was split to isolate the bad row: more flushes than batches.
     assert group.batcher.flushes > group.batcher.batches
     await service.extra["sink"].wait_for(9)
+
+
+class HeldPublisher:
+    """Confirms every publish, but only once `release` is set: a slow broker."""
+
+    def __init__(self) -> None:
+        self.release = anyio.Event()
+        self.published: list[str] = []
+
+    async def publish_many(self, items: list[Any]) -> list[bool]:
+        await self.release.wait()
+        self.published += [item[2] for item in items]
+        return [True] * len(items)
+
+
+async def test_requests_wait_for_room_when_publishing_lags(service: Service) -> None:
+    """With `max_unpublished` ids waiting for the broker, a further request is committed but
+    not answered until a publish is done: the API accepts no faster than it publishes."""
+    publisher = HeldPublisher()
+    emails = new_emails(service.account_id, ["a", "b", "c"])
+    answered: list[str] = []
+
+    async def accept(group: GroupCommit, email: Any) -> None:
+        await group.accept([email])
+        answered.append(email.id)
+
+    async with GroupCommit(service.deps.db, publisher, max_unpublished=2) as group:  # type: ignore[arg-type]
+        async with anyio.create_task_group() as tg:
+            for email in emails[:2]:
+                tg.start_soon(accept, group, email)
+        assert sorted(answered) == sorted(e.id for e in emails[:2])  # answered once committed
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(accept, group, emails[2])
+
+            async def committed() -> bool:
+                found = await rows(service, "SELECT id FROM emails WHERE id = %s", emails[2].id)
+                return bool(found)
+
+            await poll(committed, within=5, what="the third email's commit")
+            await anyio.wait_all_tasks_blocked()
+            assert emails[2].id not in answered  # no room: two ids wait for the broker
+            publisher.release.set()
+        assert emails[2].id in answered
+    assert sorted(publisher.published) == sorted(e.id for e in emails)
+    published = await rows(
+        service, "SELECT id FROM emails WHERE id = ANY(%s) AND published", [e.id for e in emails]
+    )
+    assert len(published) == 3
