@@ -11,6 +11,8 @@ Shared by the API (`/v1/dead-letters`), the CLI (`mailpipe dlq`) and the sweeper
 - `record_dead` is what the sweeper does with each message the broker dead-lettered: an email
   of ours is marked `failed` with the broker's reason (a dead letter row); anything else is kept
   in `dead_messages` and logged.
+- `keep_dead` keeps any dead-lettered message in `dead_messages` and logs it: what the webhooks
+  role does with its own dead queue (a delivery that crash-looped, or a message not ours).
 """
 
 from __future__ import annotations
@@ -245,4 +247,19 @@ async def record_dead(
         dead_id,
         body[:80],
     )
+    return Recorded("stored", str(dead_id), reason)
+
+
+async def keep_dead(
+    db: AsyncConnectionPool, *, body: bytes, headers: Mapping[str, Any], what: str
+) -> Recorded:
+    """Keep one dead-lettered message in `dead_messages` (the caller acks it afterwards) and
+    log it at ERROR, saying `what` it was."""
+    death = death_of(headers)
+    reason = describe_death(death)
+    async with db.connection() as conn:
+        dead_id = await queries.insert_dead_message(
+            conn, queue=death.queue, reason=reason, headers=jsonable(dict(headers)), body=body
+        )
+    log.error("%s was dead-lettered (%s); kept as dead_messages id %d", what, reason, dead_id)
     return Recorded("stored", str(dead_id), reason)

@@ -15,18 +15,18 @@ dead letter, listable and replayable), anything else is kept in `dead_messages` 
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import anyio
-import psycopg
 from anyio.abc import TaskStatus
-from psycopg_pool import PoolTimeout
 
-from pipeline.amqp.consumer import Delivery, consume_reconnecting
+from pipeline.amqp.consumer import Delivery
 from pipeline.amqp.publisher import ConfirmedPublisher
 from pipeline.deadletters import record_dead
 from pipeline.errors import BrokerError
 from pipeline.intake import IDEMPOTENCY_TTL_S, publish_and_mark
 from pipeline.resources import Deps
+from pipeline.roles.dead_queue import consume_dead_queue
 from pipeline.store import queries
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,6 @@ log = logging.getLogger(__name__)
 BATCH = 500
 UNCONFIRMED_AFTER_S = 10.0
 """An unpublished row younger than this may still be in its API request's hands."""
-DEAD_CONCURRENCY = 4
-"""Dead-lettered messages recorded at once."""
-RECORD_ERROR_PAUSE_S = 2.0
-"""How long the dead letter consumer backs off after it could not record a message."""
 
 
 async def sweep_once(deps: Deps, publisher: ConfirmedPublisher) -> tuple[int, int]:
@@ -66,35 +62,8 @@ async def sweep_once(deps: Deps, publisher: ConfirmedPublisher) -> tuple[int, in
     return len(reclaimed), republished
 
 
-async def record_dead_delivery(deps: Deps, delivery: Delivery) -> None:
-    """Record one dead-lettered message, then ack it. The dead queue dead-letters nowhere, so
-    a message that cannot be recorded now (database down) is requeued, never dropped."""
-    try:
-        await record_dead(deps.db, body=delivery.body, headers=delivery.headers)
-    except Exception as exc:
-        if isinstance(exc, psycopg.Error | PoolTimeout):
-            log.warning("cannot record a dead-lettered message (%s); requeueing it", exc)
-        else:
-            log.exception("cannot record dead-lettered message %s; requeueing", delivery.message_id)
-        await delivery.nack(requeue=True)
-        with anyio.move_on_after(RECORD_ERROR_PAUSE_S):
-            await deps.stop.wait()
-        return
-    await delivery.ack()
-
-
-async def consume_dead(deps: Deps) -> None:
-    """Consume the dead letter queue until the stop, reconnecting with backoff on its own so a
-    broker outage never holds up the sweeps."""
-    await consume_reconnecting(
-        deps.settings.amqp.url,
-        deps.topology,
-        deps.topology.dead,
-        lambda delivery: record_dead_delivery(deps, delivery),
-        concurrency=DEAD_CONCURRENCY,
-        stop=deps.stop,
-        grace_s=deps.settings.shutdown.grace_s,
-    )
+async def record_dead_message(deps: Deps, delivery: Delivery) -> None:
+    await record_dead(deps.db, body=delivery.body, headers=delivery.headers)
 
 
 async def run_sweeper(
@@ -105,7 +74,9 @@ async def run_sweeper(
         ConfirmedPublisher(deps.settings.amqp.url, deps.topology) as publisher,
         anyio.create_task_group() as tg,
     ):
-        tg.start_soon(consume_dead, deps)
+        tg.start_soon(
+            consume_dead_queue, deps, deps.topology.dead, partial(record_dead_message, deps)
+        )
         task_status.started()
         while not deps.stop.is_set():
             try:

@@ -20,7 +20,8 @@ import anyio.lowlevel
 import pytest
 from anyio.abc import SocketAttribute, SocketStream
 
-from pipeline.amqp.publisher import PublishItem
+from pipeline.amqp.publisher import ConfirmedPublisher, PublishItem
+from pipeline.amqp.topology import WEBHOOKS
 from pipeline.store import queries
 from pipeline.webhooks import EVENT_TYPES
 from pipeline.webhooks.fanout import WebhookMessage, fan_out_once
@@ -30,9 +31,11 @@ from tests.integration.scripted import (
     events,
     eventually,
     post_email,
+    queue_depth,
     scripted_service,
     timestamp,
 )
+from tests.procs import poll
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -728,3 +731,31 @@ async def test_an_endpoint_failing_for_24_hours_is_disabled(api_only: Service) -
         again = await attempt(False, 502)  # only the attempt that disabled it says so
         assert again == queries.AttemptRecorded(False, False, "every attempt failed for 24 h")
     assert len(await deliveries(svc, hook.id)) == 6
+
+
+async def test_dead_lettered_webhook_messages_are_kept_and_the_queue_emptied(
+    test_db: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A message on the webhooks queue that is not ours is rejected to `webhooks.dead`; the
+    role keeps it in `dead_messages`, logs it, and acks it."""
+    async with run_service(settings_for(test_db, prefix), ("webhooks",)) as svc:
+        async with ConfirmedPublisher(svc.settings.amqp.url, svc.deps.topology) as publisher:
+            await publisher.publish(WEBHOOKS, b"not a webhook message", message_id="junk-1")
+
+        async def kept() -> list[dict[str, Any]]:
+            return await db_rows(svc, "SELECT queue, reason, body FROM dead_messages")
+
+        [row] = await poll(kept, within=15, what="the message kept in dead_messages")
+        assert row["queue"] == svc.deps.topology.webhooks
+        assert bytes(row["body"]) == b"not a webhook message"
+        assert "rejected" in row["reason"]
+        await poll(
+            lambda: queue_depth_is(svc, svc.deps.topology.webhook_dead, 0),
+            within=15,
+            what="webhooks.dead emptied",
+        )
+    assert any("not a webhook delivery" in r.getMessage() for r in caplog.records)
+
+
+async def queue_depth_is(svc: Service, queue: str, depth: int) -> bool:
+    return await queue_depth(svc, queue) == depth
