@@ -541,6 +541,14 @@ class DeadLetterList(BaseModel):
     next_cursor: str | None
 
 
+def _webhook_url(value: str) -> str:
+    try:  # the syntax only; the address rules are checked (with DNS) by the handler
+        ssrf.parse_url(value, allow_private=True)
+    except ssrf.UnsafeUrl as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
 class WebhookCreate(BaseModel):
     """An endpoint to deliver events to, signed with a secret shown once in the answer."""
 
@@ -559,11 +567,34 @@ class WebhookCreate(BaseModel):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        try:  # the syntax only; the address rules are checked (with DNS) by the handler
-            ssrf.parse_url(value, allow_private=True)
-        except ssrf.UnsafeUrl as exc:
-            raise ValueError(str(exc)) from None
-        return value
+        return _webhook_url(value)
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else list(dict.fromkeys(value))
+
+
+class WebhookUpdate(BaseModel):
+    """What to change on an endpoint; a field left out stays as it is. `enabled: true` turns
+    an endpoint disabled by a 410 or a 24 h failing streak back on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(
+        default=None,
+        max_length=ssrf.MAX_URL_LENGTH,
+        description="As for creation: checked (DNS included) before it is saved.",
+    )
+    events: list[Literal[EVENT_TYPES]] | None = Field(  # type: ignore[valid-type]
+        default=None, min_length=1, description="Event types to deliver."
+    )
+    enabled: bool | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else _webhook_url(value)
 
     @field_validator("events")
     @classmethod

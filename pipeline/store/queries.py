@@ -1152,6 +1152,49 @@ async def webhook_exists(conn: Conn, account_id: str, webhook_id: str) -> bool:
     return await cur.fetchone() is not None
 
 
+async def get_webhook(conn: Conn, account_id: str, webhook_id: str) -> Webhook | None:
+    async with conn.cursor(row_factory=class_row(Webhook)) as cur:
+        await cur.execute(
+            f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE account_id = %s AND id = %s",
+            (account_id, webhook_id),
+        )
+        return await cur.fetchone()
+
+
+async def update_webhook(
+    conn: Conn,
+    account_id: str,
+    webhook_id: str,
+    *,
+    url: str | None = None,
+    events: Sequence[str] | None = None,
+    enabled: bool | None = None,
+) -> Webhook | None:
+    """Change what is given (None: keep it). Enabling an endpoint (again) clears its failing
+    streak and why it was disabled; disabling it by hand records that. None: no such one."""
+    async with conn.cursor(row_factory=class_row(Webhook)) as cur:
+        await cur.execute(
+            "UPDATE webhooks SET url = coalesce(%(url)s, url),"
+            " events = coalesce(%(events)s, events),"
+            " enabled = coalesce(%(enabled)s, enabled),"
+            " failing_since = CASE WHEN %(enabled)s THEN NULL ELSE failing_since END,"
+            " disabled_at = CASE WHEN %(enabled)s THEN NULL"
+            " WHEN %(enabled)s = false AND enabled THEN now() ELSE disabled_at END,"
+            " disabled_reason = CASE WHEN %(enabled)s THEN NULL"
+            " WHEN %(enabled)s = false AND enabled THEN 'disabled through the API'"
+            " ELSE disabled_reason END"
+            f" WHERE account_id = %(account)s AND id = %(id)s RETURNING {_WEBHOOK_COLUMNS}",
+            {
+                "url": url,
+                "events": None if events is None else list(events),
+                "enabled": enabled,
+                "account": account_id,
+                "id": webhook_id,
+            },
+        )
+        return await cur.fetchone()
+
+
 async def delete_webhook(conn: Conn, account_id: str, webhook_id: str) -> bool:
     """True when the account had that endpoint (its recorded deliveries go with it)."""
     cur = await conn.execute(

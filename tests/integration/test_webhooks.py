@@ -328,6 +328,23 @@ async def test_410_gone_disables_the_endpoint(test_db: str, prefix: str) -> None
         states = {w["id"]: w["enabled"] for w in (await webhooks(svc))["data"]}
         assert states == {gone["id"]: False, witness["id"]: True}
 
+        # Fixed and enabled again through the API: events flow to its new URL.
+        r = await svc.http.patch(
+            f"/v1/webhooks/{gone['id']}",
+            json={"url": rx.url("/fixed"), "enabled": True},
+            headers=svc.auth(),
+        )
+        assert r.status_code == 200, r.text
+        assert (r.json()["enabled"], r.json()["url"]) == (True, rx.url("/fixed"))
+        [row] = await db_rows(
+            svc, "SELECT failing_since, disabled_reason FROM webhooks WHERE id = %s", gone["id"]
+        )
+        assert row == {"failing_since": None, "disabled_reason": None}
+        third = await post_email(svc)
+        await eventually(
+            sync(lambda: rx.at("/fixed", third["id"])), "the third email's event at the new URL"
+        )
+
 
 async def test_a_bounce_reaches_only_a_bounce_subscription(test_db: str, prefix: str) -> None:
     async with (
@@ -439,6 +456,49 @@ async def test_refused_again_at_delivery(test_db: str, prefix: str) -> None:
 
 
 # ---------------------------------------------------------------- the API
+
+
+async def test_one_endpoint_can_be_read_and_changed(test_db: str, prefix: str) -> None:
+    settings = settings_for(test_db, prefix, MAILPIPE_WEBHOOKS_ALLOW_PRIVATE="false")
+    async with run_service(settings, ("api",)) as svc:
+        auth = svc.auth()
+        created = await svc.http.post(
+            "/v1/webhooks", json={"url": "https://93.184.216.34/hook"}, headers=auth
+        )
+        assert created.status_code == 201, created.text
+        hook_id = created.json()["id"]
+        r = await svc.http.get(f"/v1/webhooks/{hook_id}", headers=auth)
+        assert r.status_code == 200
+        assert set(r.json()) == {"id", "url", "events", "enabled", "created_at"}  # no secret
+
+        r = await svc.http.patch(
+            f"/v1/webhooks/{hook_id}",
+            json={"events": ["email.sent", "email.sent", "email.bounced"], "enabled": False},
+            headers=auth,
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["events"] == ["email.sent", "email.bounced"]
+        assert r.json()["enabled"] is False and r.json()["url"] == "https://93.184.216.34/hook"
+        [row] = await db_rows(svc, "SELECT disabled_reason FROM webhooks WHERE id = %s", hook_id)
+        assert row["disabled_reason"] == "disabled through the API"
+
+        for body, field in (
+            ({"url": "https://127.0.0.1/hook"}, "url"),  # the address rules, as at creation
+            ({"events": []}, "events"),
+            ({"events": ["email.nope"]}, "events[0]"),
+            ({"secret": "whsec_x"}, "secret"),
+        ):
+            r = await svc.http.patch(f"/v1/webhooks/{hook_id}", json=body, headers=auth)
+            assert r.status_code == 422, (body, r.text)
+            assert [e["field"] for e in r.json()["errors"]] == [field], r.json()
+        r = await svc.http.get(f"/v1/webhooks/{hook_id}", headers=auth)
+        assert r.json()["events"] == ["email.sent", "email.bounced"]  # nothing half-applied
+
+        for method in ("GET", "PATCH"):
+            r = await svc.http.request(
+                method, "/v1/webhooks/wh_nope", json={"enabled": True}, headers=auth
+            )
+            assert r.status_code == 404, r.text
 
 
 async def test_ssrf_targets_are_refused_under_the_production_config(

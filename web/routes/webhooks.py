@@ -31,6 +31,7 @@ from web.schemas import (
     WebhookDelivery,
     WebhookDeliveryList,
     WebhookList,
+    WebhookUpdate,
 )
 from web.state import state
 from web.validation import json_body, parse, query
@@ -66,13 +67,16 @@ async def _url_errors(url: Any) -> list[dict[str, str]]:
     return []
 
 
-async def _valid_create() -> WebhookCreate:
+M = TypeVar("M", WebhookCreate, WebhookUpdate)
+
+
+async def _valid_body(model: type[M]) -> M:
     """The body, with the model's errors and the URL's address check reported together."""
     raw = await json_body()
     errors: list[dict[str, str]] = []
     data = None
     try:
-        data = parse(WebhookCreate, raw)
+        data = parse(model, raw)
     except Problem as problem:
         errors = [dict(e) for e in problem.errors or []]
     if isinstance(raw, dict) and isinstance(raw.get("url"), str):
@@ -100,7 +104,7 @@ async def list_webhooks(query_args: ListQuery) -> WebhookList:
     return WebhookList(data=[_item(r) for r in rows], has_more=has_more, next_cursor=next_cursor)
 
 
-def _documents(model: type[WebhookCreate]) -> Callable[[F], F]:
+def _documents(model: type[WebhookCreate | WebhookUpdate]) -> Callable[[F], F]:
     """Show `model` as the request body in the OpenAPI document (validated by the handler)."""
 
     def decorator(func: F) -> F:
@@ -117,7 +121,7 @@ def _documents(model: type[WebhookCreate]) -> Callable[[F], F]:
 @_documents(WebhookCreate)
 async def create_webhook() -> tuple[WebhookCreated, int]:
     """Add an endpoint: 201 with its signing secret, shown only this once."""
-    data = await _valid_create()
+    data = await _valid_body(WebhookCreate)
     secret = signing.new_secret()
     async with state().deps.db.connection() as conn:
         row = await queries.create_webhook(
@@ -129,6 +133,45 @@ async def create_webhook() -> tuple[WebhookCreated, int]:
             secret=secret,
         )
     return WebhookCreated.model_validate({**asdict(row), "secret": secret}), 201
+
+
+@bp.get("/v1/webhooks/<webhook_id>")
+@validate_response(Webhook)
+@validate_response(ProblemDetails, 404)
+@require("admin")
+async def get_webhook(webhook_id: str) -> Webhook:
+    """One endpoint (its secret is not shown)."""
+    async with state().deps.db.connection() as conn:
+        row = await queries.get_webhook(conn, caller().account_id, _checked_id(webhook_id))
+    if row is None:
+        raise Problem(404, f"no webhook {webhook_id!r}")
+    return _item(row)
+
+
+@bp.patch("/v1/webhooks/<webhook_id>")
+@validate_response(Webhook)
+@validate_response(ProblemDetails, 404)
+@validate_response(ProblemDetails, 422)
+@require("admin")
+@_documents(WebhookUpdate)
+async def update_webhook(webhook_id: str) -> Webhook:
+    """Change an endpoint's `url`, `events` or `enabled`; what is left out stays. Enabling it
+    again (after a 410 or a day of failures disabled it) starts its failure count afresh. The
+    secret stays: delete and create the endpoint for a new one."""
+    _checked_id(webhook_id)
+    data = await _valid_body(WebhookUpdate)
+    async with state().deps.db.connection() as conn:
+        row = await queries.update_webhook(
+            conn,
+            caller().account_id,
+            webhook_id,
+            url=data.url,
+            events=data.events,
+            enabled=data.enabled,
+        )
+    if row is None:
+        raise Problem(404, f"no webhook {webhook_id!r}")
+    return _item(row)
 
 
 @bp.delete("/v1/webhooks/<webhook_id>")
