@@ -323,11 +323,18 @@ class Sender:
                 headers={ATTEMPT_HEADER: claimed.attempts, WAIT_HEADER: wait_s},
             )
         except PublishNotConfirmed as exc:
-            # The email is `deferred` in the table: the redelivered message retries it early
-            # rather than never.
-            log.warning("retry queue did not confirm %s (%s); requeueing", claimed.id, exc)
-            await delivery.nack(requeue=True)
+            # Not requeued: that would retry it at once, and a broker that takes no publishes
+            # (a memory alarm) would burn every attempt in seconds. The row is `deferred` and
+            # unpublished: the sweeper sends it to the send queue when it is due.
+            log.warning(
+                "retry queue did not confirm %s (%s); the sweeper will send it when due",
+                claimed.id,
+                exc,
+            )
+            await delivery.ack()
             return
+        async with self.deps.db.connection() as conn:
+            await queries.mark_published(conn, [claimed.id])
         await delivery.ack()
 
 

@@ -673,6 +673,8 @@ async def mark_deferred(
     suppress: Sequence[str] = (),
 ) -> datetime | None:
     """`sending` → `deferred` after a temporary failure; returns when the next attempt is due.
+    The row is unpublished until its retry message is confirmed (`mark_published`): if that
+    publish fails, the sweeper sends it to the send queue once it is due.
 
     When the relay refused every recipient but some only for now, `refused` has each one's
     reply (recorded in the event), `drop` the envelope addresses refused for good (left out of
@@ -688,6 +690,7 @@ async def mark_deferred(
     cur = await conn.execute(
         "WITH d AS (UPDATE emails SET status = 'deferred', updated_at = clock_timestamp(),"
         " last_response = %(reply)s, lease_until = NULL, raw = coalesce(raw, %(raw)s),"
+        " published = false,"
         " envelope_to = ARRAY(SELECT a FROM unnest(envelope_to) WITH ORDINALITY AS t(a, n)"
         " WHERE a <> ALL(%(drop)s::text[]) ORDER BY n),"
         " next_attempt_at = clock_timestamp() + make_interval(secs => %(wait_s)s)"
@@ -811,9 +814,11 @@ async def release_claim(conn: Conn, email_id: str) -> bool:
 
 
 async def unpublished_emails(conn: Conn, *, older_than_s: float, limit: int) -> list[str]:
-    """Queued emails the broker never confirmed (it was down at acceptance, or a lease expired)."""
+    """Emails whose message the broker never confirmed: queued ones (it was down at
+    acceptance, or a lease expired) and deferred ones whose retry publish failed, once due."""
     cur = await conn.execute(
-        "SELECT id FROM emails WHERE status = 'queued' AND NOT published"
+        "SELECT id FROM emails WHERE NOT published AND status IN ('queued', 'deferred')"
+        " AND (status = 'queued' OR next_attempt_at <= clock_timestamp())"
         " AND updated_at < clock_timestamp() - make_interval(secs => %s)"
         " ORDER BY created_at LIMIT %s",
         (older_than_s, limit),

@@ -14,8 +14,10 @@ from aiosmtpd.smtp import Envelope
 
 from pipeline.amqp.connection import connect
 from pipeline.amqp.publisher import ConfirmedPublisher
-from pipeline.amqp.topology import DELIVERY_LIMIT, SEND
+from pipeline.amqp.topology import DELIVERY_LIMIT, RETRY, SEND
+from pipeline.errors import PublishNotConfirmed
 from pipeline.messages import encode_send
+from pipeline.roles import sweeper
 from tests.integration.conftest import Service
 from tests.integration.scripted import (
     db_rows,
@@ -350,3 +352,43 @@ async def test_a_dead_lettered_copy_of_a_finished_email_changes_nothing(service:
     assert (await get_email(service, accepted["id"]))["status"] == "sent"
     assert (await dead_letters(service))["data"] == []
     assert await db_rows(service, "SELECT id FROM dead_messages") == []
+
+
+async def test_an_unconfirmed_retry_publish_waits_for_its_time_instead_of_retrying_at_once(
+    test_db: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker takes no publish to the retry queue (a memory alarm, say): the deferred email
+    is not retried at once (that would burn its attempts in seconds) but sent to the send queue
+    by the sweeper once its wait is over, and then sent."""
+    real_publish = ConfirmedPublisher.publish
+    refused: list[str] = []
+
+    async def publish(self: ConfirmedPublisher, routing_key: str, *args: Any, **kw: Any) -> None:
+        if routing_key == RETRY:
+            refused.append(kw["message_id"])
+            raise PublishNotConfirmed("no confirm (test)")
+        await real_publish(self, routing_key, *args, **kw)
+
+    monkeypatch.setattr(ConfirmedPublisher, "publish", publish)
+    monkeypatch.setattr(sweeper, "UNCONFIRMED_AFTER_S", 0.5)
+
+    def script(envelope: Envelope, attempt: int) -> str | None:
+        return "451 4.7.1 greylisted, try later" if attempt < 1 else None
+
+    async with scripted_service(
+        test_db, prefix, script=script, MAILPIPE_SWEEPER_INTERVAL_S="0.2"
+    ) as (svc, _sink):
+        accepted = await post_email(svc, subject="retry publish refused")
+        sent = await svc.wait_status(accepted["id"], "sent")
+        assert sent["attempts"] == 2  # one deferral, then the attempt it scheduled
+        assert refused == [accepted["id"]]
+        timeline = await events(svc, accepted["id"])
+        assert [e["type"] for e in timeline] == [
+            "email.queued",
+            "email.sending",
+            "email.deferred",
+            "email.sending",
+            "email.sent",
+        ]
+        due = timestamp(timeline[2]["data"]["next_attempt_at"])
+        assert timestamp(timeline[3]["created_at"]) >= due  # not before its time
