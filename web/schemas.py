@@ -616,6 +616,14 @@ class WebhookCreated(Webhook):
     )
 
 
+class WebhookSecretRotated(BaseModel):
+    id: str
+    secret: str = Field(description="whsec_…: the new signing secret, shown only this once.")
+    previous_secret_expires_at: datetime = Field(
+        description="Until then every request carries a second signature, by the old secret."
+    )
+
+
 class WebhookList(BaseModel):
     data: list[Webhook]
     has_more: bool

@@ -1080,6 +1080,8 @@ class DeliveryTarget:
     webhook_id: str
     url: str
     secret: str
+    previous_secret: str | None
+    """The secret a rotation replaced, while it still signs too."""
     enabled: bool
     event_id: str
     event_type: str
@@ -1200,6 +1202,21 @@ async def update_webhook(
         return await cur.fetchone()
 
 
+async def rotate_webhook_secret(
+    conn: Conn, account_id: str, webhook_id: str, *, secret: str, overlap_s: float
+) -> datetime | None:
+    """Make `secret` the endpoint's signing secret; the one it replaces goes on signing for
+    `overlap_s`. Returns until when; None when there is no such endpoint."""
+    cur = await conn.execute(
+        "UPDATE webhooks SET previous_secret = secret, secret = %s,"
+        " previous_secret_until = now() + make_interval(secs => %s)"
+        " WHERE account_id = %s AND id = %s RETURNING previous_secret_until",
+        (secret, overlap_s, account_id, webhook_id),
+    )
+    row = await cur.fetchone()
+    return None if row is None else row[0]
+
+
 async def delete_webhook(conn: Conn, account_id: str, webhook_id: str) -> bool:
     """True when the account had that endpoint (its recorded deliveries go with it)."""
     cur = await conn.execute(
@@ -1278,7 +1295,9 @@ async def delivery_target(conn: Conn, webhook_id: str, event_id: str) -> Deliver
     """The endpoint and the event of one delivery; None when either is gone."""
     async with conn.cursor(row_factory=class_row(DeliveryTarget)) as cur:
         await cur.execute(
-            "SELECT w.id AS webhook_id, w.url, w.secret, w.enabled, e.id AS event_id,"
+            "SELECT w.id AS webhook_id, w.url, w.secret,"
+            " CASE WHEN w.previous_secret_until > now() THEN w.previous_secret END"
+            " AS previous_secret, w.enabled, e.id AS event_id,"
             " e.type AS event_type, e.email_id, e.data, e.created_at"
             " FROM webhooks w JOIN events e ON e.account_id = w.account_id AND e.id = %s"
             " WHERE w.id = %s",

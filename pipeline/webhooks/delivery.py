@@ -216,7 +216,9 @@ class Deliverer:
             await delivery.ack()  # deleted or disabled since: nothing more to do
             return
         body = payload(target)
-        signed = signing.sign_headers(target.secret, target.event_id, int(now), body)
+        signed = signing.sign_headers(
+            target.secret, target.event_id, int(now), body, previous=target.previous_secret
+        )
         outcome = await post(
             self.client,
             target.url,

@@ -53,12 +53,17 @@ def signature(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
-def sign_headers(secret: str, msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
-    """The three Standard Webhooks headers for one delivery attempt."""
+def sign_headers(
+    secret: str, msg_id: str, timestamp: int, body: bytes, *, previous: str | None = None
+) -> dict[str, str]:
+    """The three Standard Webhooks headers for one delivery attempt. With the `previous`
+    secret of a rotation, its signature follows the new one (space-separated): a receiver
+    that still has the old secret accepts the request too."""
+    signatures = [signature(s, msg_id, timestamp, body) for s in (secret, previous) if s]
     return {
         "webhook-id": msg_id,
         "webhook-timestamp": str(timestamp),
-        "webhook-signature": signature(secret, msg_id, timestamp, body),
+        "webhook-signature": " ".join(signatures),
     }
 
 

@@ -12,6 +12,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
@@ -241,6 +242,43 @@ async def test_a_sent_email_reaches_the_endpoint_signed(test_db: str, prefix: st
             }  # fmt: skip
             assert (d["attempt"], d["status_code"], d["error"]) == (1, 200, None)
             assert d["event_id"] == timeline[d["event_type"]]["id"]
+
+
+async def test_a_rotated_secret_signs_alongside_the_old_one(test_db: str, prefix: str) -> None:
+    async with (
+        receiver() as rx,
+        scripted_service(test_db, prefix, roles=ROLES, MAILPIPE_WEBHOOKS_RETRY_TIERS_S=TIERS) as (
+            svc,
+            _sink,
+        ),
+    ):
+        hook = await create_webhook(svc, rx.url("/hooks"), events=["email.sent"])
+        r = await svc.http.post(f"/v1/webhooks/{hook['id']}/rotate-secret", headers=svc.auth())
+        assert r.status_code == 200, r.text
+        rotated = r.json()
+        assert set(rotated) == {"id", "secret", "previous_secret_expires_at"}
+        assert rotated["secret"].startswith("whsec_") and rotated["secret"] != hook["secret"]
+        expires = timestamp(rotated["previous_secret_expires_at"])
+        assert timedelta(hours=23) < expires - datetime.now(UTC) <= timedelta(hours=24)
+
+        email = await post_email(svc)
+        [request] = await eventually(sync(lambda: rx.at("/hooks", email["id"])), "the event")
+        assert len(request.headers["webhook-signature"].split(" ")) == 2
+        check_signature(rotated["secret"], request)  # the new secret first...
+        check_signature(hook["secret"], request)  # ...and the old one, for 24 h
+
+        # Once the old one's time is over, only the new one signs.
+        async with svc.deps.db.connection() as conn:
+            await conn.execute(
+                "UPDATE webhooks SET previous_secret_until = now() WHERE id = %s", (hook["id"],)
+            )
+        second = await post_email(svc)
+        [later] = await eventually(sync(lambda: rx.at("/hooks", second["id"])), "the event")
+        assert len(later.headers["webhook-signature"].split(" ")) == 1
+        check_signature(rotated["secret"], later)
+
+        r = await svc.http.post("/v1/webhooks/wh_nope/rotate-secret", headers=svc.auth())
+        assert r.status_code == 404
 
 
 async def _count(pending: Any, n: int) -> list[dict[str, Any]] | None:

@@ -64,6 +64,7 @@ def target(**data: object) -> DeliveryTarget:
         webhook_id="wh_1",
         url="https://example.com/hook",
         secret="whsec_AAAA",
+        previous_secret=None,
         enabled=True,
         event_id="evt_1",
         event_type="email.sent",

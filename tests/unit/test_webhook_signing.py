@@ -74,6 +74,19 @@ def test_verify_accepts_the_genuine_request() -> None:
     signing.verify(SPEC_SECRET.removeprefix("whsec_"), spec_headers(), SPEC_BODY, tolerance_s=None)
 
 
+def test_during_a_rotation_either_secret_verifies() -> None:
+    old, new = signing.new_secret(), signing.new_secret()
+    body = b'{"type":"email.sent"}'
+    headers = signing.sign_headers(new, "evt_1", 1_800_000_000, body, previous=old)
+    assert len(headers["webhook-signature"].split()) == 2
+    for secret in (new, old):
+        signing.verify(secret, headers, body, now=1_800_000_000)
+    with pytest.raises(signing.SignatureError):
+        signing.verify(signing.new_secret(), headers, body, now=1_800_000_000)
+    alone = signing.sign_headers(new, "evt_1", 1_800_000_000, body)
+    assert alone["webhook-signature"] == headers["webhook-signature"].split()[0]
+
+
 @pytest.mark.parametrize(
     ("secret", "headers", "body", "why"),
     [

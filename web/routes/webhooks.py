@@ -31,6 +31,7 @@ from web.schemas import (
     WebhookDelivery,
     WebhookDeliveryList,
     WebhookList,
+    WebhookSecretRotated,
     WebhookUpdate,
 )
 from web.state import state
@@ -157,7 +158,7 @@ async def get_webhook(webhook_id: str) -> Webhook:
 async def update_webhook(webhook_id: str) -> Webhook:
     """Change an endpoint's `url`, `events` or `enabled`; what is left out stays. Enabling it
     again (after a 410 or a day of failures disabled it) starts its failure count afresh. The
-    secret stays: delete and create the endpoint for a new one."""
+    secret stays (`rotate-secret` makes a new one)."""
     _checked_id(webhook_id)
     data = await _valid_body(WebhookUpdate)
     async with state().deps.db.connection() as conn:
@@ -172,6 +173,31 @@ async def update_webhook(webhook_id: str) -> Webhook:
     if row is None:
         raise Problem(404, f"no webhook {webhook_id!r}")
     return _item(row)
+
+
+SECRET_OVERLAP_S = 24 * 3600.0
+"""How long a rotated-out secret goes on signing (a second signature on every request)."""
+
+
+@bp.post("/v1/webhooks/<webhook_id>/rotate-secret")
+@validate_response(WebhookSecretRotated)
+@validate_response(ProblemDetails, 404)
+@require("admin")
+async def rotate_secret(webhook_id: str) -> WebhookSecretRotated:
+    """A new signing secret, shown only in this answer. For the next 24 h every request is
+    signed with both (two `v1,` signatures): switch the receiver over, nothing is rejected."""
+    secret = signing.new_secret()
+    async with state().deps.db.connection() as conn:
+        until = await queries.rotate_webhook_secret(
+            conn,
+            caller().account_id,
+            _checked_id(webhook_id),
+            secret=secret,
+            overlap_s=SECRET_OVERLAP_S,
+        )
+    if until is None:
+        raise Problem(404, f"no webhook {webhook_id!r}")
+    return WebhookSecretRotated(id=webhook_id, secret=secret, previous_secret_expires_at=until)
 
 
 @bp.delete("/v1/webhooks/<webhook_id>")
