@@ -98,6 +98,13 @@ async def test_the_document_covers_the_contract(service: Service) -> None:
     send = doc["components"]["schemas"]["SendEmail"]
     assert set(send["properties"]) == SEND_FIELDS
     assert "from_email" in send["required"] and "subject" in send["required"]
+    bodies = [
+        op["requestBody"]
+        for item in doc["paths"].values()
+        for op in item.values()
+        if isinstance(op, dict) and "requestBody" in op
+    ]
+    assert len(bodies) >= 5 and all(b["required"] is True for b in bodies)
     # "string or list": both are documented, as both are accepted.
     for name in ("to", "cc", "bcc", "reply_to"):
         kinds = {alt.get("type") for alt in send["properties"][name]["anyOf"]}
