@@ -363,6 +363,30 @@ async def get_email(conn: Conn, account_id: str, email_id: str) -> dict[str, Any
         return await cur.fetchone()
 
 
+Cursor = tuple[datetime, str] | None
+"""A list's keyset cursor: the sort key of the last row of the previous page, or None."""
+
+
+def _newest_first(
+    clauses: Sequence[str],
+    params: Sequence[Any],
+    *,
+    before: Cursor,
+    limit: int,
+    key: tuple[str, str] = ("created_at", "id"),
+) -> tuple[str, list[Any]]:
+    """` WHERE … ORDER BY … LIMIT` and its parameters for one page of a list, newest first,
+    after `before`: keyset pagination on `key`, which stays exact while rows arrive."""
+    clauses, params = list(clauses), list(params)
+    if before is not None:
+        clauses.append(f"({key[0]}, {key[1]}) < (%s, %s)")
+        params += [before[0], before[1]]
+    return (
+        f" WHERE {' AND '.join(clauses)} ORDER BY {key[0]} DESC, {key[1]} DESC LIMIT %s",
+        [*params, limit],
+    )
+
+
 @dataclass(frozen=True)
 class EmailFilter:
     """`GET /v1/emails` filters; None means any."""
@@ -379,14 +403,11 @@ async def list_emails(
     account_id: str,
     *,
     limit: int,
-    before: tuple[datetime, str] | None,
+    before: Cursor,
     where: EmailFilter = EmailFilter(),
 ) -> list[dict[str, Any]]:
-    """Newest first; keyset pagination on (created_at, id) stays exact while rows arrive."""
+    """Newest first (`_newest_first`), filtered by `where`."""
     clauses, params = ["account_id = %s"], list[Any]([account_id])
-    if before is not None:
-        clauses.append("(created_at, id) < (%s, %s)")
-        params += [before[0], before[1]]
     if where.status is not None:
         clauses.append("status = %s")
         params.append(where.status)
@@ -402,12 +423,9 @@ async def list_emails(
     if where.until is not None:
         clauses.append("created_at < %s")
         params.append(where.until)
+    page, args = _newest_first(clauses, params, before=before, limit=limit)
     async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(
-            f"SELECT {_PUBLIC_EMAIL_COLUMNS} FROM emails WHERE {' AND '.join(clauses)}"
-            " ORDER BY created_at DESC, id DESC LIMIT %s",
-            [*params, limit],
-        )
+        await cur.execute(f"SELECT {_PUBLIC_EMAIL_COLUMNS} FROM emails{page}", args)
         return await cur.fetchall()
 
 
@@ -901,19 +919,14 @@ async def add_suppression(
 
 
 async def list_suppressions(
-    conn: Conn, account_id: str, *, limit: int, before: tuple[datetime, str] | None
+    conn: Conn, account_id: str, *, limit: int, before: Cursor
 ) -> list[Suppression]:
     """Newest first; keyset pagination on (created_at, email)."""
-    where, params = "account_id = %s", list[Any]([account_id])
-    if before is not None:
-        where += " AND (created_at, email) < (%s, %s)"
-        params += [before[0], before[1]]
+    page, args = _newest_first(
+        ["account_id = %s"], [account_id], before=before, limit=limit, key=("created_at", "email")
+    )
     async with conn.cursor(row_factory=class_row(Suppression)) as cur:
-        await cur.execute(
-            f"SELECT {_SUPPRESSION_COLUMNS} FROM suppressions WHERE {where}"
-            " ORDER BY created_at DESC, email DESC LIMIT %s",
-            [*params, limit],
-        )
+        await cur.execute(f"SELECT {_SUPPRESSION_COLUMNS} FROM suppressions{page}", args)
         return await cur.fetchall()
 
 
@@ -959,7 +972,7 @@ async def list_dead_letters(
     *,
     account_id: str | None,
     limit: int,
-    before: tuple[datetime, str] | None = None,
+    before: Cursor = None,
     pending_only: bool = False,
 ) -> list[DeadLetter]:
     """Newest first, keyset pagination on (created_at, id); every account when `account_id`
@@ -968,17 +981,11 @@ async def list_dead_letters(
     if account_id is not None:
         clauses.append("account_id = %s")
         params.append(account_id)
-    if before is not None:
-        clauses.append("(created_at, id) < (%s, %s)")
-        params += [before[0], before[1]]
     if pending_only:
         clauses.append("replayed_at IS NULL")
+    page, args = _newest_first(clauses, params, before=before, limit=limit)
     async with conn.cursor(row_factory=class_row(DeadLetter)) as cur:
-        await cur.execute(
-            f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters WHERE {' AND '.join(clauses)}"
-            " ORDER BY created_at DESC, id DESC LIMIT %s",
-            [*params, limit],
-        )
+        await cur.execute(f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters{page}", args)
         return await cur.fetchall()
 
 
@@ -1136,19 +1143,12 @@ async def create_webhook(
 
 
 async def list_webhooks(
-    conn: Conn, account_id: str, *, limit: int, before: tuple[datetime, str] | None
+    conn: Conn, account_id: str, *, limit: int, before: Cursor
 ) -> list[Webhook]:
     """Newest first; keyset pagination on (created_at, id)."""
-    where, params = "account_id = %s", list[Any]([account_id])
-    if before is not None:
-        where += " AND (created_at, id) < (%s, %s)"
-        params += [before[0], before[1]]
+    page, args = _newest_first(["account_id = %s"], [account_id], before=before, limit=limit)
     async with conn.cursor(row_factory=class_row(Webhook)) as cur:
-        await cur.execute(
-            f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE {where}"
-            " ORDER BY created_at DESC, id DESC LIMIT %s",
-            [*params, limit],
-        )
+        await cur.execute(f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks{page}", args)
         return await cur.fetchall()
 
 
@@ -1231,20 +1231,22 @@ async def list_webhook_deliveries(
     webhook_id: str,
     *,
     limit: int,
-    before: tuple[datetime, str] | None,
+    before: Cursor,
 ) -> list[WebhookDelivery]:
     """An endpoint's recorded attempts, newest first; keyset pagination on (created_at, id)."""
-    where = "d.webhook_id = %s AND w.account_id = %s"
-    params = list[Any]([webhook_id, account_id])
-    if before is not None:
-        where += " AND (d.created_at, d.id) < (%s, %s)"
-        params += [before[0], before[1]]
+    page, args = _newest_first(
+        ["d.webhook_id = %s", "w.account_id = %s"],
+        [webhook_id, account_id],
+        before=before,
+        limit=limit,
+        key=("d.created_at", "d.id"),
+    )
     columns = ", ".join("d." + c.strip() for c in _WEBHOOK_DELIVERY_COLUMNS.split(","))
     async with conn.cursor(row_factory=class_row(WebhookDelivery)) as cur:
         await cur.execute(
-            f"SELECT {columns} FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id"
-            f" WHERE {where} ORDER BY d.created_at DESC, d.id DESC LIMIT %s",
-            [*params, limit],
+            f"SELECT {columns} FROM webhook_deliveries d"
+            f" JOIN webhooks w ON w.id = d.webhook_id{page}",
+            args,
         )
         return await cur.fetchall()
 
