@@ -72,35 +72,28 @@ class SmtpReply:
         return {"code": self.code, "enhanced": self.enhanced, "message": self.message}
 
 
-class RecipientsRefused(Permanent):
+class _EveryRecipientRefused(DeliveryError):
+    """Every recipient was refused at RCPT; `refused` has each one's reply."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int | None = None,
+        enhanced: str | None = None,
+        refused: Mapping[str, SmtpReply] = MappingProxyType({}),
+    ):
+        super().__init__(message, code=code, enhanced=enhanced)
+        self.refused = refused
+
+
+class RecipientsRefused(_EveryRecipientRefused, Permanent):
     """Every recipient was refused at RCPT, all with 5xx; `refused` has each one's reply."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        code: int | None = None,
-        enhanced: str | None = None,
-        refused: Mapping[str, SmtpReply] = MappingProxyType({}),
-    ):
-        super().__init__(message, code=code, enhanced=enhanced)
-        self.refused = refused
 
-
-class RecipientsDeferred(Temporary):
+class RecipientsDeferred(_EveryRecipientRefused, Temporary):
     """Every recipient was refused at RCPT, at least one with 4xx, so the whole email is
     worth another attempt; `refused` has each one's reply."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        code: int | None = None,
-        enhanced: str | None = None,
-        refused: Mapping[str, SmtpReply] = MappingProxyType({}),
-    ):
-        super().__init__(message, code=code, enhanced=enhanced)
-        self.refused = refused
 
 
 # Replies about this message (MAIL FROM, RCPT TO, DATA). Every other reply (greeting, EHLO,

@@ -6,6 +6,7 @@ These need no PostgreSQL, RabbitMQ or Redis: only sockets on 127.0.0.1.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import email
 import email.policy
 import socket
@@ -277,15 +278,7 @@ def test_from_settings_uses_the_sandbox_without_a_host() -> None:
         smtp, SandboxSettings(host="127.0.0.1", port=0, dir="x"), sandbox_port=4242
     )
     assert (pool.host, pool.port) == ("127.0.0.1", 4242)
-    relay = SmtpSettings(
-        host="smtp.example.com",
-        port=587,
-        username="u",
-        password="p",
-        starttls=True,
-        timeout_s=7.0,
-        pool_size=4,
-    )
+    relay = dataclasses.replace(smtp, host="smtp.example.com")
     pool = SmtpPool.from_settings(relay, SandboxSettings(host="127.0.0.1", port=2525, dir="x"))
     assert (pool.host, pool.port) == ("smtp.example.com", 587)
 

@@ -5,7 +5,6 @@ ASCII addresses."""
 from __future__ import annotations
 
 import email.generator
-from datetime import UTC, datetime
 from email.headerregistry import Address
 
 import pytest
@@ -16,9 +15,9 @@ from hypothesis import strategies as st
 from pipeline.mail import render as render_module
 from pipeline.mail.render import Attachment, OutgoingEmail, render
 from pipeline.suppressions import canonical_address
+from tests.unit.test_render import make
 from web import addresses
 
-DATE = datetime(2026, 11, 28, 10, 0, 0, tzinfo=UTC)
 TOKEN = 123456789
 BOUNDARY = f"==============={TOKEN:019d}=="
 
@@ -27,19 +26,6 @@ BOUNDARY = f"==============={TOKEN:019d}=="
 def fixed_boundary(monkeypatch: pytest.MonkeyPatch) -> None:
     """The generator's boundary comes from random.randrange: fixed, both paths agree."""
     monkeypatch.setattr(email.generator.random, "randrange", lambda _n: TOKEN)
-
-
-def make(**kwargs: object) -> OutgoingEmail:
-    fields: dict[str, object] = {
-        "from_email": "Sender <sender@example.com>",
-        "to": ("rcpt@example.org",),
-        "subject": "Hello",
-        "body_text": "Hello there",
-        "message_id": "<abc123@example.com>",
-        "date": DATE,
-    }
-    fields.update(kwargs)
-    return OutgoingEmail(**fields)  # type: ignore[arg-type]
 
 
 def both(message: OutgoingEmail) -> tuple[bytes, bytes]:

@@ -80,7 +80,7 @@ nasty_text = st.lists(
     st.one_of(st.sampled_from(NASTY), st.text(max_size=4)), min_size=1, max_size=6
 ).map("".join)
 
-FIELDS = [
+HEADER_FIELDS = [
     "subject",
     "from_name",
     "from_addr",
@@ -96,10 +96,9 @@ FIELDS = [
     "content_id",
     "tag_name",
     "tag_value",
-    "metadata",
-    "body_text",
-    "body_html",
 ]
+"""Fields whose text ends up in a header line (or a tag): no CR, LF or NUL."""
+FIELDS = [*HEADER_FIELDS, "metadata", "body_text", "body_html"]
 
 
 def with_field(field: str, evil: str) -> dict[str, Any]:
@@ -292,26 +291,7 @@ def test_hostile_strings_are_refused_or_rendered_safely(field: str, evil: str) -
     check(with_field(field, evil))
 
 
-@pytest.mark.parametrize(
-    "field",
-    [
-        "subject",
-        "from_name",
-        "from_addr",
-        "to_name",
-        "to_addr",
-        "cc",
-        "bcc",
-        "reply_to",
-        "header_name",
-        "header_value",
-        "filename",
-        "content_type",
-        "content_id",
-        "tag_name",
-        "tag_value",
-    ],
-)
+@pytest.mark.parametrize("field", HEADER_FIELDS)
 @pytest.mark.parametrize("ctl", ["\r", "\n", "\x00", "\r\n"])
 def test_cr_lf_nul_in_any_header_field_is_a_422_naming_it(field: str, ctl: str) -> None:
     with pytest.raises(Problem) as caught:
